@@ -1,0 +1,230 @@
+"""Load and save SD1.x models: single-file LDM checkpoints and diffusers folders, offline.
+
+    model = load_sd1("v1-5-pruned-emaonly.safetensors", dtype=torch.float32)
+    model.unet, model.vae, model.text_encoder, model.tokenizer
+
+Modules are built on the meta device and the file's tensors assigned into them, so loading costs about
+as much as reading the file. `.ckpt`/`.pt` files are read with `torch.load(weights_only=True)` only:
+a pickle that needs code to load is refused, never executed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from library.errors import ModelLoadError
+from library.models import architecture as arch
+from library.models import ldm_keys
+from library.models.tokenizer import load_tokenizer
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+DIFFUSERS_PARTS = ("unet", "vae", "text_encoder")
+
+
+@dataclass
+class SD1Model:
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    source: str
+    load_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)  # e.g. {"ignored_keys": [...]} for the log
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return arch.vae_scale_factor(self.vae.config)
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a single-file checkpoint, safely. Errors name the file and the fix."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file or folder. Set pretrained_model_name_or_path to your SD1.x "
+                             ".safetensors/.ckpt file or diffusers folder (nothing is downloaded).")
+    if path.suffix.lower() == ".safetensors":
+        return _read_safetensors(path)
+    if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        return _read_pickle(path)
+    raise ModelLoadError(f"{path}: unknown checkpoint type '{path.suffix}'; expected one of "
+                         f"{', '.join(SINGLE_FILE_SUFFIXES)} or a diffusers folder.")
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        size = path.stat().st_size
+        raise ModelLoadError(f"{path}: not a readable safetensors file ({size} bytes; {exc}). It is probably "
+                             "truncated (an interrupted download or copy): download or copy it again.") from None
+
+
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        # mmap avoids a second copy of the weights, but only the zip format supports it
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as exc:
+        raise ModelLoadError(
+            f"{path}: refused to load: this pickle file needs to run code to load ({str(exc).splitlines()[0][:200]}). "
+            "pentadactyl never executes code from model files. Convert it to .safetensors with a tool you trust, "
+            "or get the .safetensors release of the model.") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise ModelLoadError(f"{path}: cannot read this checkpoint ({exc}). It may be truncated; "
+                             "download or copy it again, preferably as .safetensors.") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, dict) else {}
+        if not tensors:
+            raise ModelLoadError(f"{path}: holds no tensors at the top level or under 'state_dict'; "
+                                 "it is not a model checkpoint.")
+        obj = tensors
+    return obj
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def load_sd1(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> SD1Model:
+    """Load an SD1.x single file or diffusers folder; modules are returned on the CPU in `dtype`."""
+    start = time.perf_counter()
+    path = Path(path)
+    if path.is_dir():
+        model = _load_diffusers_folder(path, dtype)
+    else:
+        model = _load_single_file(path, dtype)
+    model.load_seconds = time.perf_counter() - start
+    for m in (model.unet, model.vae, model.text_encoder):
+        m.requires_grad_(False)
+        m.eval()
+    return model
+
+
+def _load_single_file(path: Path, dtype: torch.dtype) -> SD1Model:
+    state = read_state_dict(path)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    configs = arch.infer_configs(shapes, str(path))
+    unet = arch.build_unet(configs.unet, empty=True)
+    vae = arch.build_vae(configs.vae, empty=True)
+    text = arch.build_text_encoder(configs.text, empty=True)
+    _assign(unet, ldm_keys.unet_from_ldm(state, configs.unet), dtype, path, "U-Net")
+    _assign(vae, ldm_keys.vae_from_ldm(state, configs.vae), dtype, path, "VAE")
+    _assign(text, ldm_keys.text_from_ldm(state, ldm_keys.text_module_prefix(text)), dtype, path, "text encoder")
+    known = (arch.UNET_PREFIX, arch.VAE_PREFIX, arch.TEXT_PREFIX)
+    ignored = sorted(k for k in state if not k.startswith(known))
+    return SD1Model(unet, vae, text, load_tokenizer(), str(path), extra={"ignored_keys": ignored})
+
+
+def _assign(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], dtype: torch.dtype, path: Path, part: str) -> None:
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        detail = (f"missing {len(missing)} (e.g. {missing[:3]})" if missing else "") + (
+            f"{'; ' if missing else ''}unexpected {len(unexpected)} (e.g. {unexpected[:3]})" if unexpected else "")
+        raise ModelLoadError(f"{path}: the {part} weights do not match an SD1.x {part}: {detail}. "
+                             "The file may be incomplete or a model of another architecture.")
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise ModelLoadError(f"{path}: {part} tensor '{k}' has shape {tuple(v.shape)}, expected "
+                                 f"{tuple(expected[k].shape)}; the file is not a consistent SD1.x model.")
+    converted = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+    module.load_state_dict(converted, strict=True, assign=True)
+
+
+def _load_diffusers_folder(path: Path, dtype: torch.dtype) -> SD1Model:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    missing = [p for p in DIFFUSERS_PARTS if not (path / p / "config.json").is_file()]
+    if missing:
+        if (path / "transformer").is_dir() or (path / "text_encoder_2").is_dir():
+            family = "SDXL" if (path / "text_encoder_2").is_dir() else "a transformer-based model (SD3/Flux)"
+            raise ModelLoadError(f"{path}: this is {family}, not SD1.x; pentadactyl trains Stable Diffusion 1.x.")
+        raise ModelLoadError(f"{path}: this folder is not a diffusers model: it lacks "
+                             f"{', '.join(p + '/config.json' for p in missing)}. Point pretrained_model_name_or_path "
+                             "at a diffusers folder (unet/, vae/, text_encoder/, tokenizer/) or an SD1.x single file.")
+    unet_cfg = json.loads((path / "unet" / "config.json").read_text())
+    if unet_cfg.get("addition_embed_type") or unet_cfg.get("cross_attention_dim") == 2048:
+        raise ModelLoadError(f"{path}: this is SDXL, not SD1.x; pentadactyl trains Stable Diffusion 1.x.")
+    if unet_cfg.get("cross_attention_dim") == 1024:
+        raise ModelLoadError(f"{path}: this is SD2.x, not SD1.x; pentadactyl trains Stable Diffusion 1.x.")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype, local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, local_files_only=True)
+        text = CLIPTextModel.from_pretrained(path / "text_encoder", dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"{path}: cannot load the diffusers folder: {exc}") from None
+    tokenizer = load_tokenizer(path / "tokenizer" if (path / "tokenizer" / "vocab.json").is_file() else None)
+    return SD1Model(unet, vae, text, tokenizer, str(path))
+
+
+# --------------------------------------------------------------------------------------------- saving
+
+
+def ldm_state_dict(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module,
+                   dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The single-file LDM state dict of three SD1.x modules (what A1111 and ComfyUI load)."""
+    out = {}
+    out.update(ldm_keys.unet_to_ldm(unet.state_dict(), unet.config))
+    out.update(ldm_keys.vae_to_ldm(vae.state_dict(), vae.config))
+    out.update(ldm_keys.text_to_ldm(text_encoder.state_dict()))
+    if dtype is not None:
+        out = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in out.items()}
+    # meta tensors (a layout check without weights) stay on meta
+    return {k: v.detach() if v.is_meta else v.detach().cpu().contiguous() for k, v in out.items()}
+
+
+def save_sd1_single_file(path: str | os.PathLike, model: SD1Model, dtype: torch.dtype | None = None,
+                         metadata: dict[str, str] | None = None) -> None:
+    from library.fileio import save_safetensors_atomic
+
+    save_safetensors_atomic(ldm_state_dict(model.unet, model.vae, model.text_encoder, dtype), path, metadata)
+
+
+def save_sd1_diffusers(path: str | os.PathLike, model: SD1Model) -> None:
+    """A diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+    import shutil
+    import tempfile
+
+    from diffusers import DDPMScheduler
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        model.unet.save_pretrained(tmp / "unet")
+        model.vae.save_pretrained(tmp / "vae")
+        model.text_encoder.save_pretrained(tmp / "text_encoder")
+        model.tokenizer.save_pretrained(tmp / "tokenizer")
+        DDPMScheduler.from_config(arch.SD1_SCHEDULER_CONFIG).save_pretrained(tmp / "scheduler")
+        index = {"_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", "DDPMScheduler"],
+                 "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+                 "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+                 "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)

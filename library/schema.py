@@ -1,0 +1,166 @@
+"""Typed keys for TOML tables: one declaration gives validation, CLI parsing and documentation.
+
+A `Field` says what a key is; `validate_table` checks a whole table once, at the edge, and returns
+plain typed values. Errors name the file, the key and the fix ("did you mean", the expected type).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from library.errors import ConfigError
+
+# Types a key may have. "path" is a string that names a file or folder; "list[str]" etc. are lists;
+# "float|null" means the value may be left out (None). Choices restrict strings.
+_TYPE_CHECKS = {
+    "str": lambda v: isinstance(v, str),
+    "path": lambda v: isinstance(v, str),
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, bool),
+    "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "list[int]": lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
+    "list[float]": lambda v: isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v),
+    "dict": lambda v: isinstance(v, dict),
+    "int|list[int]": lambda v: (isinstance(v, int) and not isinstance(v, bool))
+    or (isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)),
+}
+
+_TYPE_WORDS = {
+    "str": "a string",
+    "path": "a path string",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "list[str]": "a list of strings",
+    "list[int]": "a list of integers",
+    "list[float]": "a list of numbers",
+    "dict": "a table",
+    "int|list[int]": "an integer or a list of two integers [width, height]",
+}
+
+
+@dataclass(frozen=True)
+class Field:
+    type: str
+    default: Any = None
+    help: str = ""
+    choices: tuple = ()
+    nullable: bool = True  # None (key absent) is allowed
+    minimum: float | None = None
+    maximum: float | None = None
+    section: str = "general"  # for documentation only
+
+    def type_words(self) -> str:
+        return _TYPE_WORDS[self.type]
+
+
+@dataclass
+class Unsupported:
+    """A key another tool accepts that we deliberately do not; using it is an error with this reason."""
+
+    reason: str
+
+
+def did_you_mean(name: str, candidates) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def check_value(key: str, value: Any, spec: Field, where: str) -> Any:
+    """Check one value against its Field; return it normalised (ints accepted as floats)."""
+    if value is None:
+        if not spec.nullable:
+            raise ConfigError(f"{where}: '{key}' is required ({spec.type_words()}). {spec.help}".strip())
+        return None
+    if not _TYPE_CHECKS[spec.type](value):
+        raise ConfigError(
+            f"{where}: '{key}' must be {spec.type_words()}, got {type(value).__name__} {value!r}."
+            + (f" {spec.help}" if spec.help else "")
+        )
+    if spec.type == "float":
+        value = float(value)
+    if spec.choices and value not in spec.choices:
+        raise ConfigError(
+            f"{where}: '{key}' = {value!r} is not one of: {', '.join(map(str, spec.choices))}."
+            + did_you_mean(str(value), map(str, spec.choices))
+        )
+    if spec.minimum is not None and value < spec.minimum:
+        raise ConfigError(f"{where}: '{key}' = {value!r} must be at least {spec.minimum}.")
+    if spec.maximum is not None and value > spec.maximum:
+        raise ConfigError(f"{where}: '{key}' = {value!r} must be at most {spec.maximum}.")
+    return value
+
+
+def validate_table(
+    table: Mapping[str, Any],
+    fields: Mapping[str, Field],
+    where: str,
+    unsupported: Mapping[str, Unsupported] | None = None,
+    ignore: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Validate every key of `table`; unknown keys are errors. Returns only the keys present."""
+    out = {}
+    for key, value in table.items():
+        if key in ignore:
+            continue
+        if unsupported and key in unsupported:
+            raise ConfigError(f"{where}: '{key}' is not supported by pentadactyl: {unsupported[key].reason}")
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key '{key}'.{did_you_mean(key, fields)}")
+        out[key] = check_value(key, value, fields[key], where)
+    return out
+
+
+def parse_cli_value(key: str, text: str, spec: Field) -> Any:
+    """Turn a command-line string into the Field's type (lists are comma-separated)."""
+    where = f"command line --{key}"
+    try:
+        if spec.type == "bool":
+            low = text.lower()
+            if low not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return low in ("true", "1", "yes")
+        if spec.type == "int":
+            return int(text)
+        if spec.type == "float":
+            return float(text)
+        if spec.type in ("list[str]",):
+            return [s.strip() for s in text.split(",") if s.strip()]
+        if spec.type == "list[int]":
+            return [int(s) for s in text.split(",")]
+        if spec.type == "list[float]":
+            return [float(s) for s in text.split(",")]
+        if spec.type == "int|list[int]":
+            parts = [int(s) for s in text.replace("x", ",").split(",")]
+            return parts[0] if len(parts) == 1 else parts
+        if spec.type == "dict":
+            import json
+
+            return json.loads(text)
+    except ValueError:
+        raise ConfigError(f"{where}: '{text}' is not {spec.type_words()}.") from None
+    return text
+
+
+def load_toml(path) -> dict:
+    """Read a TOML file; syntax errors name the file and line."""
+    from pathlib import Path
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found (check the path; relative paths are from the current folder).")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: TOML syntax error: {exc}. Fix that line (strings need quotes, "
+                          "tables [name], arrays [1, 2]).") from None
