@@ -1,0 +1,278 @@
+"""kohya-format LoRA files: save (atomic, hashed, with metadata), load (with clear errors), key checks."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from library.errors import NetworkFileError
+from library.fileio import save_safetensors_atomic
+from networks.names import (
+    ALPHA, DORA_SCALE, DOWN, LORA_PARTS, MID, OTHER_ALGORITHMS, TE_PREFIX, UNET_PREFIX, UP,
+    split_key, to_diffusers_name,
+)
+
+# ss_* keys that reveal what the training images were (folder names, captions' tags, bucket sizes).
+DATASET_METADATA_KEYS: frozenset[str] = frozenset({
+    "ss_tag_frequency", "ss_dataset_dirs", "ss_reg_dataset_dirs", "ss_datasets", "ss_bucket_info",
+})
+
+SAVE_DTYPES: dict[str, torch.dtype] = {
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+
+LEGACY_HASH_OFFSET = 0x100000  # 1 MiB
+LEGACY_HASH_LENGTH = 0x10000  # 64 KiB
+
+
+# --- hashes (A1111 shows sshs_model_hash as the LoRA's hash) -------------------------------------------
+def safetensors_data_hash(serialized: bytes) -> str:
+    """sha256 of a safetensors serialization after its header: the tensor data only."""
+    (header_size,) = struct.unpack("<Q", serialized[:8])
+    return hashlib.sha256(serialized[8 + header_size:]).hexdigest()
+
+
+def safetensors_legacy_hash(serialized: bytes) -> str:
+    """First 8 hex digits of the sha256 of the 64 KiB at offset 1 MiB of the serialization."""
+    chunk = serialized[LEGACY_HASH_OFFSET:LEGACY_HASH_OFFSET + LEGACY_HASH_LENGTH]
+    return hashlib.sha256(chunk).hexdigest()[:8]
+
+
+def sshs_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[str, str]:
+    """(sshs_model_hash, sshs_legacy_hash) of the file as it would be with only its `ss_*` metadata."""
+    from safetensors.torch import save
+
+    ss_only = {k: v for k, v in metadata.items() if k.startswith("ss_")}
+    serialized = save({k: v.contiguous() for k, v in tensors.items()}, metadata=ss_only)
+    return safetensors_data_hash(serialized), safetensors_legacy_hash(serialized)
+
+
+# --- metadata -----------------------------------------------------------------------------------------
+def without_dataset_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in metadata.items() if k not in DATASET_METADATA_KEYS}
+
+
+def modelspec_metadata(metadata: Mapping[str, str], path: Path) -> dict[str, str]:
+    """SAI model-spec keys, derived from the ss_* keys where those exist; explicit values win."""
+    title = metadata.get("ss_output_name") or path.stem
+    resolution = _resolution_text(metadata.get("ss_resolution", ""))
+    date = _iso_date(metadata.get("ss_training_finished_at"))
+    spec = {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.title": title,
+        "modelspec.resolution": resolution,
+        "modelspec.date": date,
+        "modelspec.prediction_type": "epsilon",
+    }
+    return {k: metadata.get(k, v) for k, v in spec.items()}
+
+
+def _resolution_text(value: str) -> str:
+    """sd-scripts writes "(512, 512)" or "512"; model spec wants "512x512"."""
+    numbers = [int(n) for n in value.replace("(", " ").replace(")", " ").replace(",", " ").split() if n.isdigit()]
+    if len(numbers) == 1:
+        numbers *= 2
+    return f"{numbers[0]}x{numbers[1]}" if len(numbers) == 2 else "512x512"
+
+
+def _iso_date(timestamp: str | None) -> str:
+    try:
+        moment = datetime.datetime.fromtimestamp(float(timestamp), datetime.timezone.utc)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        moment = datetime.datetime.now(datetime.timezone.utc)
+    return moment.replace(microsecond=0).isoformat()
+
+
+def save_dtype_of(save_dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """"fp16" / "bf16" / "fp32" / a torch dtype / None (keep) -> torch dtype."""
+    if save_dtype is None or isinstance(save_dtype, torch.dtype):
+        return save_dtype
+    try:
+        return SAVE_DTYPES[str(save_dtype).lower()]
+    except KeyError:
+        from library.errors import ConfigError
+
+        raise ConfigError(f"save_precision = {save_dtype!r} is unknown; use fp16, bf16 or fp32") from None
+
+
+def save_network(
+    path: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    save_dtype: str | torch.dtype | None = "fp16",
+    *,
+    include_dataset_metadata: bool = True,
+) -> dict[str, str]:
+    """Write a kohya LoRA file atomically; return the metadata written.
+
+    Weights are cast to `save_dtype`, every `alpha` is float32 (consumers read it as a scalar). The
+    `sshs_*` hashes are computed on the file as it is with only its `ss_*` keys, as sd-scripts and
+    A1111 do; `modelspec.*` keys are added unless given.
+    """
+    path = Path(path)
+    dtype = save_dtype_of(save_dtype)
+    prepared: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        value = value.detach().to("cpu")
+        if key.endswith("." + ALPHA):
+            value = value.to(torch.float32).reshape(())
+        elif dtype is not None:
+            value = value.to(dtype)
+        prepared[key] = value.contiguous()
+    meta = dict(metadata or {})
+    for key, value in meta.items():
+        if not isinstance(value, str):
+            raise TypeError(f"metadata value of {key!r} must be a string (json.dumps it), not {type(value).__name__}")
+    if not include_dataset_metadata:
+        meta = without_dataset_metadata(meta)
+    meta = {k: v for k, v in meta.items() if not k.startswith("sshs_")}
+    model_hash, legacy_hash = sshs_hashes(prepared, meta)
+    meta["sshs_model_hash"] = model_hash
+    meta["sshs_legacy_hash"] = legacy_hash
+    meta.update(modelspec_metadata(meta, path))
+    save_safetensors_atomic(prepared, path, meta)
+    return meta
+
+
+# --- loading ------------------------------------------------------------------------------------------
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a .safetensors file, with user-facing errors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise NetworkFileError(f"{path}: no such file; check the path of the LoRA file")
+    if path.suffix.lower() in (".pt", ".ckpt", ".bin", ".pth"):
+        raise NetworkFileError(f"{path}: only .safetensors LoRA files are read (pickled files can run code); "
+                               "convert it to .safetensors first")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise NetworkFileError(
+            f"{path}: not a readable .safetensors file ({error}); it is probably truncated or corrupt — "
+            "download or copy it again"
+        ) from None
+    return tensors, metadata
+
+
+def unsupported_algorithm(keys: list[str]) -> tuple[str, list[str]] | None:
+    """(algorithm name, example keys) when the keys belong to a LyCORIS/PEFT algorithm other than LoCon."""
+    found: dict[str, list[str]] = {}
+    for key in keys:
+        _, part = split_key(key)
+        algorithm = OTHER_ALGORITHMS.get(part)
+        if algorithm is None and key.endswith((".lora_A.weight", ".lora_B.weight")):
+            algorithm = OTHER_ALGORITHMS["lora_A.weight"]
+        if algorithm is not None:
+            found.setdefault(algorithm, []).append(key)
+    if not found:
+        return None
+    algorithm, examples = max(found.items(), key=lambda item: len(item[1]))
+    return algorithm, examples
+
+
+def unknown_keys(keys: list[str]) -> list[str]:
+    """Keys that are not `<lora_unet_…|lora_te_…>.<lora part>`."""
+    bad = []
+    for key in keys:
+        module, part = split_key(key)
+        if not module.startswith((UNET_PREFIX, TE_PREFIX)) or part not in LORA_PARTS:
+            bad.append(key)
+    return bad
+
+
+def check_network_keys(keys: list[str], source: str) -> None:
+    """Raise NetworkFileError unless every key is a LoRA/LoCon tensor of an SD1 network."""
+    if not keys:
+        raise NetworkFileError(f"{source}: the file holds no tensors; it is not a LoRA")
+    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys):
+        raise NetworkFileError(f"{source}: this is an SDXL LoRA (it has lora_te1_/lora_te2_ keys); "
+                               "pentadactyl uses Stable Diffusion 1.x LoRAs")
+    other = unsupported_algorithm(keys)
+    if other is not None:
+        algorithm, examples = other
+        raise NetworkFileError(
+            f"{source}: this network uses {algorithm}, which is not supported yet (keys such as "
+            f"{', '.join(examples[:3])}); only LoRA/LoCon (lora_down/lora_up/alpha, with optional lora_mid "
+            "and dora_scale) can be loaded"
+        )
+    bad = unknown_keys(keys)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise NetworkFileError(
+            f"{source}: {len(bad)} key(s) are not LoRA tensors: {shown}. A LoRA file has only "
+            "<lora_unet_…|lora_te_…>.lora_down.weight / .lora_up.weight / .alpha keys; remove the others "
+            "(e.g. an embedded embedding) or use the tool that made the file"
+        )
+    modules: dict[str, set[str]] = {}
+    for key in keys:
+        module, part = split_key(key)
+        modules.setdefault(module, set()).add(part)
+    for module, parts in modules.items():
+        if DOWN not in parts or UP not in parts:
+            lacking = DOWN if DOWN not in parts else UP
+            raise NetworkFileError(f"{source}: module {module} has no {lacking}; the file is incomplete")
+
+
+def load_network_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read and validate a LoRA/LoCon file; tensors keep the file's names (see `normalize_names`)."""
+    tensors, metadata = read_safetensors(path)
+    check_network_keys(list(tensors), str(path))
+    return tensors, metadata
+
+
+def normalize_names(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LyCORIS / LDM-style / transformers-5-style names -> the names we write (diffusers paths).
+
+    Two file keys that land on the same name (a file mixing both styles for one layer) are an error.
+    """
+    renamed: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        module, part = split_key(key)
+        new_key = f"{to_diffusers_name(module)}.{part}"
+        if new_key in renamed:
+            raise NetworkFileError(f"two keys of the file name the same layer after renaming: {key} -> {new_key}")
+        renamed[new_key] = value
+    return renamed
+
+
+def group_by_module(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        module, part = split_key(key)
+        modules.setdefault(module, {})[part] = value
+    return modules
+
+
+def module_rank(parts: Mapping[str, torch.Tensor]) -> int:
+    return int(parts[DOWN].shape[0])
+
+
+def module_alpha(parts: Mapping[str, torch.Tensor]) -> float:
+    """The module's alpha; a file without alpha means alpha = rank (scale 1)."""
+    return float(parts[ALPHA]) if ALPHA in parts else float(module_rank(parts))
+
+
+def has_extras(parts: Mapping[str, torch.Tensor]) -> list[str]:
+    return [p for p in (MID, DORA_SCALE) if p in parts]
+
+
+def metadata_json(metadata: Mapping[str, str], key: str) -> object | None:
+    """A JSON-valued ss_* key, or None when absent or not JSON."""
+    try:
+        return json.loads(metadata[key])
+    except (KeyError, ValueError):
+        return None
