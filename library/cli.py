@@ -30,3 +30,6 @@ def run_main(main: Callable[[list[str]], object], argv: list[str] | None = None)
     except PentadactylError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:  # before training started (the loop itself saves and exits cleanly)
+        print("\ninterrupted", file=sys.stderr)
+        raise SystemExit(130) from None

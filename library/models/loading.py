@@ -102,6 +102,9 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
 
 def load_sd1(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> SD1Model:
     """Load an SD1.x single file or diffusers folder; modules are returned on the CPU in `dtype`."""
+    import diffusers  # noqa: F401  (import time is not load time: keep it out of the measurement)
+    import transformers  # noqa: F401
+
     start = time.perf_counter()
     path = Path(path)
     if path.is_dir():
@@ -199,15 +202,11 @@ def save_sd1_single_file(path: str | os.PathLike, model: SD1Model, dtype: torch.
 
 def save_sd1_diffusers(path: str | os.PathLike, model: SD1Model) -> None:
     """A diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
-    import shutil
-    import tempfile
-
     from diffusers import DDPMScheduler
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    from library.fileio import atomic_dir
+
+    with atomic_dir(path) as tmp:
         model.unet.save_pretrained(tmp / "unet")
         model.vae.save_pretrained(tmp / "vae")
         model.text_encoder.save_pretrained(tmp / "text_encoder")
@@ -218,13 +217,3 @@ def save_sd1_diffusers(path: str | os.PathLike, model: SD1Model) -> None:
                  "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
                  "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)

@@ -1,0 +1,278 @@
+"""Job configuration: one TOML file (plus command-line overrides) → one validated, read-only `Job`.
+
+    job = load_job("train_network", sys.argv[1:])
+    job.learning_rate, job.datasets, job.source
+
+Keys use sd-scripts' argument names, so an existing sd-scripts config mostly works. sd-scripts'
+section tables (`[model_arguments]`, `[training_arguments]`, …) are flattened. Every key is checked
+once, here: unknown keys get "did you mean", wrong types the expected type, with the file and line.
+Inner code receives typed values and never re-parses.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Iterable, Mapping
+
+from library.errors import ConfigError
+from library.schema import Field, Unsupported, check_value, did_you_mean, load_toml, parse_cli_value
+
+# Tables of a job file that hold datasets rather than job keys.
+DATASET_TABLES = ("general", "datasets")
+
+# sd-scripts keys we deliberately do not support: using one is an error that says why.
+UNSUPPORTED: dict[str, Unsupported] = {
+    "v2": Unsupported("SD2.x models are not supported; pentadactyl trains SD1.x."),
+    "v_parameterization": Unsupported("v-prediction is an SD2.x feature; SD1.x predicts noise (epsilon)."),
+    "sdxl": Unsupported("SDXL is not supported; pentadactyl trains SD1.x."),
+    "deepspeed": Unsupported("DeepSpeed is not integrated; use DDP (accelerate launch --num_processes N)."),
+    "fp8_base": Unsupported("fp8 base weights are not supported; use mixed_precision = \"bf16\"."),
+    "lowram": Unsupported("not needed: models are built on the meta device and loaded straight into place."),
+    "highvram": Unsupported("not needed: latents are cached in memory unless cache_latents_to_disk is set."),
+    "persistent_data_loader_workers": Unsupported("images load in threads of the training process; "
+                                                  "max_data_loader_n_workers sets how many."),
+    "wandb_api_key": Unsupported("only TensorBoard logging is built in (log_with = \"tensorboard\")."),
+    "huggingface_repo_id": Unsupported("uploading to a hub is not supported; the toolkit works offline."),
+    "huggingface_token": Unsupported("uploading to a hub is not supported; the toolkit works offline."),
+    "scale_weight_norms": Unsupported("max-norm regularisation of LoRA weights is not implemented yet."),
+    "dim_from_weights": Unsupported("give network_dim explicitly; network_weights must match it."),
+    "mem_eff_attn": Unsupported("use sdpa = true (torch's fused attention, the default) or xformers = true."),
+    "vae": Unsupported("a separate VAE file is not supported yet; the checkpoint's own VAE is used."),
+    "masked_loss": Unsupported("masked loss is not implemented yet."),
+    "debiased_estimation_loss": Unsupported("not implemented yet; min_snr_gamma is available."),
+    "multires_noise_iterations": Unsupported("multi-resolution noise is not implemented yet; noise_offset is available."),
+    "ip_noise_gamma": Unsupported("input-perturbation noise is not implemented yet."),
+    "full_fp16": Unsupported("pure-fp16 training is unstable; use mixed_precision = \"fp16\" or \"bf16\"."),
+    "full_bf16": Unsupported("trainable weights stay fp32; mixed_precision = \"bf16\" keeps frozen weights in bf16."),
+    "weighted_captions": Unsupported("prompt weighting is applied only when sampling, not in training captions."),
+}
+
+# ------------------------------------------------------------------------------------------ job keys
+# Keys every script shares. Script-specific ones are added by `job_fields(script)`.
+
+MODEL_FIELDS: dict[str, Field] = {
+    "pretrained_model_name_or_path": Field(
+        "path", help="SD1.x checkpoint: a single .safetensors/.ckpt file (LDM layout) or a diffusers folder.",
+        nullable=False, section="model"),
+    "clip_skip": Field("int", 1, "use the output of the N-th last CLIP layer (1 = last, 2 = anime models).",
+                       minimum=1, maximum=12, section="model"),
+    "max_token_length": Field("int", 75, "caption length in tokens: 75, 150 or 225 (chunks of 75, as A1111).",
+                              choices=(75, 150, 225), section="model"),
+    "seed": Field("int", 42, "random seed of the whole run (initialisation, noise, shuffling).", section="model"),
+}
+
+OUTPUT_FIELDS: dict[str, Field] = {
+    "output_dir": Field("path", "output", "folder for the trained files.", section="output"),
+    "output_name": Field("str", None, "base name of the files written (default: the job file's name).",
+                         section="output"),
+}
+
+
+@dataclass(frozen=True)
+class ScriptSchema:
+    name: str
+    fields: Mapping[str, Field]
+    has_datasets: bool
+
+
+_SCHEMAS: dict[str, callable] = {}
+
+
+def register_script(name: str, groups: Iterable[Mapping[str, Field]], has_datasets: bool = True) -> None:
+    """Declare a script's job keys (called by the modules that implement the script)."""
+    fields: dict[str, Field] = {}
+    for group in groups:
+        for key, spec in group.items():
+            if key in fields and fields[key] != spec:
+                raise AssertionError(f"key {key} declared twice with different meanings")
+            fields[key] = spec
+    _SCHEMAS[name] = ScriptSchema(name, MappingProxyType(fields), has_datasets)
+
+
+def schema(script: str) -> ScriptSchema:
+    if script not in _SCHEMAS:
+        raise KeyError(f"unknown script {script!r}; known: {sorted(_SCHEMAS)}")
+    return _SCHEMAS[script]
+
+
+# ------------------------------------------------------------------------------------------ the job
+
+
+class Job:
+    """A validated job: read-only attributes for every key of the script (defaults filled in)."""
+
+    def __init__(self, script: str, values: Mapping[str, Any], source: str, given: Iterable[str],
+                 datasets: Any = None):
+        object.__setattr__(self, "_values", MappingProxyType(dict(values)))
+        object.__setattr__(self, "script", script)
+        object.__setattr__(self, "source", source)
+        object.__setattr__(self, "given", frozenset(given))  # keys the user set (file or CLI)
+        object.__setattr__(self, "datasets", datasets)
+
+    def __getattr__(self, key: str) -> Any:
+        values = object.__getattribute__(self, "_values")
+        if key in values:
+            return values[key]
+        raise AttributeError(f"job of {self.script} has no key '{key}'")
+
+    def __setattr__(self, key, value):
+        raise AttributeError("a Job is read-only; derive new values instead of mutating the job")
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    def replace(self, **changes) -> "Job":
+        """A copy with some values changed (used by tests and by scripts that derive settings)."""
+        values = dict(self._values)
+        values.update(changes)
+        return Job(self.script, values, self.source, self.given | set(changes), self.datasets)
+
+    def to_toml(self) -> str:
+        """The resolved job as TOML (for --print_config); None values are left out."""
+        lines = [f"# resolved job for {self.script} (from {self.source})"]
+        for key in sorted(self._values):
+            value = self._values[key]
+            if value is not None:
+                lines.append(f"{key} = {_toml_value(value)}")
+        if self.datasets is not None:
+            lines.append("")
+            lines.append("# datasets (resolved)")
+            for line in json.dumps(self.datasets, indent=2, default=str).splitlines():
+                lines.append(f"# {line}")
+        return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    return json.dumps(str(value))
+
+
+def _line_of(text: str, key: str) -> str:
+    """' line N' of the first `key =` in a TOML text, for error messages."""
+    for n, line in enumerate(text.splitlines(), 1):
+        if re.match(rf"\s*{re.escape(key)}\s*=", line):
+            return f" line {n}"
+    return ""
+
+
+def flatten_job_table(table: Mapping[str, Any], fields: Mapping[str, Field]) -> tuple[dict, dict]:
+    """Split a job file into (job keys, dataset tables); sd-scripts' `[x_arguments]` sections are flattened."""
+    flat: dict[str, Any] = {}
+    datasets: dict[str, Any] = {}
+    for key, value in table.items():
+        if key in DATASET_TABLES:
+            datasets[key] = value
+        elif isinstance(value, dict) and not (key in fields and fields[key].type == "dict"):
+            for inner_key, inner_value in value.items():  # a section such as [training_arguments]
+                flat[inner_key] = inner_value
+        else:
+            flat[key] = value
+    return flat, datasets
+
+
+def parse_cli(argv: list[str], fields: Mapping[str, Field]) -> tuple[str | None, bool, dict[str, Any]]:
+    """(--config path, --print_config, {key: value}) from the command line; `--flag` alone means true."""
+    config, print_config, overrides = None, False, {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"command line: unexpected argument '{arg}'; options look like --key value.")
+        key, _, inline = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        has_value = bool(_) or (i + 1 < len(argv) and not argv[i + 1].startswith("--"))
+        value = inline if _ else (argv[i + 1] if has_value else None)
+        i += 2 if (has_value and not _) else 1
+        if key in ("config", "config_file"):
+            if value is None:
+                raise ConfigError("command line: --config needs a path to a job TOML file.")
+            config = value
+        elif key == "print_config":
+            print_config = True
+        elif key in UNSUPPORTED:
+            raise ConfigError(f"command line: --{key} is not supported by pentadactyl: {UNSUPPORTED[key].reason}")
+        elif key not in fields:
+            raise ConfigError(f"command line: unknown option --{key}.{did_you_mean(key, fields)}")
+        elif value is None:
+            if fields[key].type != "bool":
+                raise ConfigError(f"command line: --{key} needs a value ({fields[key].type_words()}).")
+            overrides[key] = True
+        else:
+            overrides[key] = parse_cli_value(key, value, fields[key])
+    return config, print_config, overrides
+
+
+def load_job(script: str, argv: list[str] | None = None, config_path: str | None = None,
+             overrides: Mapping[str, Any] | None = None) -> Job:
+    """Resolve a job: defaults ← TOML file ← command line. Raises ConfigError with file, key and fix."""
+    spec = schema(script)
+    fields = spec.fields
+    print_config = False
+    cli: dict[str, Any] = {}
+    if argv is not None:
+        config_path, print_config, cli = parse_cli(argv, fields)
+    cli.update(overrides or {})
+
+    file_values: dict[str, Any] = {}
+    dataset_tables: dict[str, Any] = {}
+    source = "command line"
+    text = ""
+    if config_path is not None:
+        source = str(config_path)
+        table = load_toml(config_path)
+        text = Path(config_path).read_text(encoding="utf-8")
+        file_values, dataset_tables = flatten_job_table(table, fields)
+        if dataset_tables and not spec.has_datasets:
+            raise ConfigError(f"{source}: {script} takes no datasets; remove the "
+                              f"{', '.join('[' + t + ']' for t in dataset_tables)} table(s).")
+
+    values: dict[str, Any] = {}
+    for key, value in file_values.items():
+        where = f"{source}{_line_of(text, key)}"
+        if key in UNSUPPORTED:
+            raise ConfigError(f"{where}: '{key}' is not supported by pentadactyl: {UNSUPPORTED[key].reason}")
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key '{key}'.{did_you_mean(key, fields)}")
+        values[key] = check_value(key, value, fields[key], where)
+    for key, value in cli.items():
+        values[key] = check_value(key, value, fields[key], f"command line --{key}")
+
+    resolved = {key: f.default for key, f in fields.items()}
+    resolved.update(values)
+    for key, f in fields.items():
+        if resolved[key] is None and not f.nullable:
+            raise ConfigError(f"{source}: required key '{key}' is missing ({f.type_words()}). {f.help}")
+    if "output_name" in resolved and resolved["output_name"] is None:
+        resolved["output_name"] = Path(config_path).stem if config_path else script
+    if "dataset_config" in values and dataset_tables:
+        raise ConfigError(f"{source}: give datasets either inline ([general]/[[datasets]]) or with "
+                          "dataset_config = \"file.toml\", not both.")
+    if "dataset_config" in values:
+        dataset_tables = load_toml(values["dataset_config"])
+
+    datasets = None
+    if spec.has_datasets:
+        from library.dataset import resolve_datasets
+
+        dataset_source = values.get("dataset_config") or source
+        job_dataset_values = {k: v for k, v in values.items() if k in fields}
+        datasets = resolve_datasets(job_dataset_values, dataset_tables or None, str(dataset_source), Path.cwd())
+    job = Job(script, resolved, source, values.keys(), datasets)
+    if print_config:
+        sys.stdout.write(job.to_toml())
+        raise SystemExit(0)
+    return job

@@ -1,0 +1,1 @@
+"""The one training loop, its methods (LoRA, textual inversion, DreamBooth), optimizers and state."""

@@ -1,0 +1,107 @@
+"""Job keys of the training scripts (sd-scripts' names), declared once; the README's TOML reference lists them."""
+
+from __future__ import annotations
+
+from library.schema import Field
+from library.training.optimizers import OPTIMIZERS, SCHEDULERS
+
+TRAINING_FIELDS: dict[str, Field] = {
+    "max_train_steps": Field("int", 1600, "optimizer steps to train (ignored when max_train_epochs is set).",
+                             minimum=1, section="training"),
+    "max_train_epochs": Field("int", None, "epochs to train; overrides max_train_steps.", minimum=1, section="training"),
+    "gradient_accumulation_steps": Field("int", 1, "micro-batches per optimizer step.", minimum=1, section="training"),
+    "mixed_precision": Field("str", "no", "no, fp16 (CUDA only, with loss scaling) or bf16. Frozen weights are "
+                             "kept in this dtype, trained weights in fp32.", choices=("no", "fp16", "bf16"),
+                             section="training"),
+    "gradient_checkpointing": Field("bool", False, "recompute activations in backward: less memory, ~30% slower.",
+                                    section="training"),
+    "max_grad_norm": Field("float", 1.0, "clip the gradient norm to this (0 = no clipping).", minimum=0,
+                           section="training"),
+    "learning_rate": Field("float", 1e-4, "learning rate of every trained part without its own rate.", minimum=0,
+                           section="training"),
+    "optimizer_type": Field("str", "AdamW", f"{', '.join(OPTIMIZERS)}, or a class path like torch.optim.Adam.",
+                            section="training"),
+    "optimizer_args": Field("list[str]", None, "extra optimizer arguments, e.g. [\"weight_decay=0.01\"].",
+                            section="training"),
+    "lr_scheduler": Field("str", "constant", "learning-rate schedule.", choices=SCHEDULERS, section="training"),
+    "lr_warmup_steps": Field("int", 0, "steps of linear warm-up.", minimum=0, section="training"),
+    "lr_scheduler_num_cycles": Field("int", 1, "restarts of cosine_with_restarts.", minimum=1, section="training"),
+    "lr_scheduler_power": Field("float", 1.0, "power of the polynomial schedule.", section="training"),
+    "noise_offset": Field("float", 0.0, "per-channel noise offset (0.05–0.1 helps very dark/bright images).",
+                          minimum=0, section="training"),
+    "min_snr_gamma": Field("float", None, "Min-SNR loss weighting γ (5 is typical); unset = off.", minimum=0,
+                           section="training"),
+    "min_timestep": Field("int", 0, "lowest timestep sampled.", minimum=0, maximum=999, section="training"),
+    "max_timestep": Field("int", 1000, "highest timestep sampled (exclusive).", minimum=1, maximum=1000,
+                          section="training"),
+    "loss_type": Field("str", "l2", "l2, huber or smooth_l1.", choices=("l2", "huber", "smooth_l1"),
+                       section="training"),
+    "huber_c": Field("float", 0.1, "scale of the huber / smooth_l1 loss.", minimum=0, section="training"),
+    "xformers": Field("bool", False, "use xformers attention (CUDA and the xformers package needed).",
+                      section="training"),
+    "sdpa": Field("bool", True, "use torch's scaled-dot-product attention (the default).", section="training"),
+    "ema_decay": Field("float", None, "keep an exponential moving average of the trained weights with this "
+                       "decay (e.g. 0.999) and save it instead of the raw weights; unset = off.",
+                       minimum=0, maximum=1, section="training"),
+    "validation_split": Field("float", 0.0, "share of training images held out for a validation loss at fixed "
+                              "timesteps and noise (0 = none).", minimum=0, maximum=0.5, section="training"),
+    "validate_every_n_steps": Field("int", None, "validation-loss interval (default: each save, and the end).",
+                                    minimum=1, section="training"),
+}
+
+SAVING_FIELDS: dict[str, Field] = {
+    "save_model_as": Field("str", "safetensors", "file format of the trained weights.", choices=("safetensors",),
+                           section="output"),
+    "save_precision": Field("str", "fp16", "dtype of saved weights: fp16, bf16 or float (fp32).",
+                            choices=("fp16", "bf16", "float"), section="output"),
+    "save_every_n_epochs": Field("int", None, "also save after every N epochs.", minimum=1, section="output"),
+    "save_every_n_steps": Field("int", None, "also save every N steps.", minimum=1, section="output"),
+    "save_last_n_epochs": Field("int", None, "keep only the N newest per-epoch files.", minimum=1, section="output"),
+    "save_last_n_steps": Field("int", None, "keep only the per-step files of the last N steps.", minimum=1,
+                               section="output"),
+    "save_state": Field("bool", False, "also save the full training state (for resume) with each save.",
+                        section="output"),
+    "save_state_on_train_end": Field("bool", False, "save the training state at the end.", section="output"),
+    "resume": Field("path", None, "state folder to resume from (written by save_state or an interrupt).",
+                    section="output"),
+    "no_metadata": Field("bool", False, "write no ss_* training metadata at all.", section="output"),
+    "no_dataset_metadata": Field("bool", False, "leave out dataset-revealing metadata (folder names, tag "
+                                 "frequencies, bucket info).", section="output"),
+    "training_comment": Field("str", None, "free text stored as ss_training_comment.", section="output"),
+    "logging_dir": Field("path", None, "write TensorBoard logs here (loss, lr, grad norm, samples).",
+                         section="output"),
+    "log_prefix": Field("str", None, "prefix of the TensorBoard run folder name.", section="output"),
+    "log_with": Field("str", "tensorboard", "logger used with logging_dir.", choices=("tensorboard",),
+                      section="output"),
+}
+
+SAMPLING_DURING_TRAINING_FIELDS: dict[str, Field] = {
+    "sample_prompts": Field("path", None, "prompt file (.txt/.toml/.json, sd-scripts syntax) sampled during "
+                            "training.", section="sampling"),
+    "sample_every_n_steps": Field("int", None, "sample every N steps.", minimum=1, section="sampling"),
+    "sample_every_n_epochs": Field("int", None, "sample after every N epochs.", minimum=1, section="sampling"),
+    "sample_at_first": Field("bool", False, "sample before training starts.", section="sampling"),
+    "sample_sampler": Field("str", "ddim", "sampler of in-training samples (sd-scripts or A1111 names).",
+                            section="sampling"),
+}
+
+NETWORK_FIELDS: dict[str, Field] = {
+    "network_module": Field("str", "networks.lora", "the network type: networks.lora (LoRA, and LoCon when "
+                            "conv_dim is given in network_args).", choices=("networks.lora", "networks.locon"),
+                            section="network"),
+    "network_dim": Field("int", 4, "rank of the LoRA modules.", minimum=1, section="network"),
+    "network_alpha": Field("float", 1.0, "alpha: the update is scaled by alpha / rank.", minimum=0,
+                           section="network"),
+    "network_args": Field("list[str]", None, "extra network settings as \"key=value\": conv_dim, conv_alpha, "
+                          "text_encoder_dim, text_encoder_alpha, preset, dropout, rank_dropout, module_dropout, "
+                          "block_dims, block_alphas, conv_block_dims, conv_block_alphas.", section="network"),
+    "network_dropout": Field("float", None, "neuron dropout of the LoRA down output.", minimum=0, maximum=1,
+                             section="network"),
+    "network_weights": Field("path", None, "start from these LoRA weights (same shapes).", section="network"),
+    "network_train_unet_only": Field("bool", False, "train only the U-Net part.", section="network"),
+    "network_train_text_encoder_only": Field("bool", False, "train only the text-encoder part.", section="network"),
+    "unet_lr": Field("float", None, "learning rate of the U-Net part (default learning_rate; 0 = frozen).",
+                     minimum=0, section="network"),
+    "text_encoder_lr": Field("float", None, "learning rate of the text-encoder part (default learning_rate; "
+                             "0 = frozen).", minimum=0, section="network"),
+}

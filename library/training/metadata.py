@@ -1,0 +1,50 @@
+"""The `ss_*` training metadata that A1111, ComfyUI and LoRA browsers show, filled from the real run."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from library.config import Job
+from library.dataset import DATASET_REVEALING_KEYS
+
+
+def build_metadata(job: Job, dataset, method, started: float, step: int, epoch: int, total_steps: int) -> dict[str, str]:
+    if job.no_metadata:
+        return {}
+    lr = job.learning_rate
+    meta = {
+        "ss_session_id": str(int(started)),
+        "ss_training_started_at": repr(float(started)),
+        "ss_training_finished_at": repr(time.time()),
+        "ss_output_name": job.output_name,
+        "ss_sd_model_name": Path(job.pretrained_model_name_or_path).name,
+        "ss_base_model_version": "sd_v1",
+        "ss_v2": "False",
+        "ss_steps": str(step),
+        "ss_max_train_steps": str(total_steps),
+        "ss_epoch": str(epoch),
+        "ss_learning_rate": repr(lr),
+        "ss_lr_scheduler": job.lr_scheduler,
+        "ss_lr_warmup_steps": str(job.lr_warmup_steps),
+        "ss_optimizer": job.optimizer_type + (f"({','.join(job.optimizer_args)})" if job.optimizer_args else ""),
+        "ss_mixed_precision": job.mixed_precision,
+        "ss_gradient_accumulation_steps": str(job.gradient_accumulation_steps),
+        "ss_max_grad_norm": repr(job.max_grad_norm),
+        "ss_gradient_checkpointing": str(job.gradient_checkpointing),
+        "ss_seed": str(job.seed),
+        "ss_clip_skip": str(job.clip_skip),
+        "ss_max_token_length": str(job.max_token_length),
+        "ss_noise_offset": repr(job.noise_offset),
+        "ss_min_snr_gamma": repr(job.min_snr_gamma) if job.min_snr_gamma is not None else "None",
+        "ss_loss_type": job.loss_type,
+        "ss_prior_loss_weight": repr(job.prior_loss_weight),
+    }
+    meta.update({k: v for k, v in dataset.training_metadata().items()
+                 if not (job.no_dataset_metadata and k in DATASET_REVEALING_KEYS)})
+    if job.training_comment:
+        meta["ss_training_comment"] = job.training_comment
+    for key, value in method.metadata().items():
+        meta[key] = value if isinstance(value, str) else json.dumps(value)
+    return meta

@@ -1,0 +1,82 @@
+"""What differs between the three trainers: a small "method" object the one loop drives.
+
+A method decides which parameters train, how captions are rewritten, what is saved, and what happens
+after each optimizer step. Everything else (noise, loss, precision, saving cadence, resume, logging,
+sampling) belongs to the loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from library.config import Job
+from library.models.loading import SD1Model
+
+
+@dataclass
+class TrainContext:
+    job: Job
+    model: SD1Model
+    device: torch.device
+    weight_dtype: torch.dtype  # dtype of frozen weights (fp32, or bf16/fp16 under mixed precision)
+
+
+class Method:
+    """Base class; subclasses override what they need."""
+
+    name = "method"
+    artifact_suffix = ".safetensors"
+
+    def setup(self, ctx: TrainContext) -> list[dict]:
+        """Make the model trainable as this method wants; return optimizer param groups (each with "lr")."""
+        raise NotImplementedError
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return False
+
+    @property
+    def trains_unet(self) -> bool:
+        return True
+
+    def caption_replacements(self) -> dict[str, str] | None:
+        return None
+
+    def dataset_options(self) -> dict[str, Any]:
+        """Extra TrainDataset arguments (textual inversion: caption_templates, template_token)."""
+        return {}
+
+    def modules(self) -> list[torch.nn.Module]:
+        """The modules this method trains or adds (switched to eval mode while sampling)."""
+        return []
+
+    def train_mode(self, training: bool) -> None:
+        """Switch the trained modules between train() and eval()."""
+        for module in self.modules():
+            module.train(training)
+
+    def after_optimizer_step(self) -> None:
+        """Called after every optimizer step (textual inversion restores the frozen embedding rows)."""
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trained tensors, by stable names: saved in the training state, averaged by EMA."""
+        raise NotImplementedError
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def save(self, path: Path, metadata: dict[str, str], save_precision: str) -> list[Path]:
+        """Write the user-facing artifact(s) atomically in save_precision ("fp16", "bf16", "float")."""
+        raise NotImplementedError
+
+    def metadata(self) -> dict[str, Any]:
+        """Method-specific ss_* metadata."""
+        return {}
+
+    def summary(self) -> str:
+        """One line for the log: what trains."""
+        return self.name

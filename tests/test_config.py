@@ -1,0 +1,107 @@
+"""Job files: every mistake gets a message naming the file, line/key and fix; the command line wins."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from library.config import load_job, parse_cli, schema
+from library.errors import ConfigError
+from library.training import jobs  # noqa: F401  (registers the job schemas)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def job_file(tmp_path: Path, body: str) -> Path:
+    images = tmp_path / "img"
+    images.mkdir(exist_ok=True)
+    (images / "a.png").write_bytes(b"")
+    path = tmp_path / "job.toml"
+    path.write_text(f'pretrained_model_name_or_path = "model.safetensors"\n{body}'
+                    f'\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{images}"\n')
+    return path
+
+
+def test_unknown_key_names_file_line_and_suggestion(tmp_path):
+    path = job_file(tmp_path, "network_dim = 4\nlerning_rate = 1e-4\n")
+    with pytest.raises(ConfigError, match=r"job\.toml line 3: unknown key 'lerning_rate'\. Did you mean 'learning_rate'\?"):
+        load_job("train_network", config_path=str(path))
+
+
+def test_wrong_type_names_expected_type(tmp_path):
+    path = job_file(tmp_path, 'network_dim = "four"\n')
+    with pytest.raises(ConfigError, match=r"job\.toml line 2: 'network_dim' must be an integer, got str 'four'"):
+        load_job("train_network", config_path=str(path))
+
+
+def test_choice_and_range_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"'mixed_precision' = 'fp8' is not one of: no, fp16, bf16"):
+        load_job("train_network", config_path=str(job_file(tmp_path, 'mixed_precision = "fp8"\n')))
+    with pytest.raises(ConfigError, match=r"'clip_skip' = 0 must be at least 1"):
+        load_job("train_network", config_path=str(job_file(tmp_path, "clip_skip = 0\n")))
+
+
+def test_missing_required_key(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text('train_data_dir = "x"\n')
+    with pytest.raises(ConfigError, match=r"required key 'pretrained_model_name_or_path' is missing"):
+        load_job("train_network", config_path=str(path))
+
+
+def test_toml_syntax_error_has_line(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text('pretrained_model_name_or_path = "m"\nlearning_rate = 1e-4\nnetwork_dim = = 4\n')
+    with pytest.raises(ConfigError, match=r"job\.toml: TOML syntax error: .*line 3"):
+        load_job("train_network", config_path=str(path))
+
+
+def test_unsupported_sd_scripts_key_says_why(tmp_path):
+    with pytest.raises(ConfigError, match=r"'v2' is not supported by pentadactyl: SD2.x"):
+        load_job("train_network", config_path=str(job_file(tmp_path, "v2 = true\n")))
+
+
+def test_cli_overrides_toml_and_sections_are_flattened(tmp_path):
+    path = job_file(tmp_path, "[training_arguments]\nlearning_rate = 1e-4\nmax_train_steps = 10\n"
+                              "[additional_network_arguments]\nnetwork_dim = 8\n")
+    job = load_job("train_network", ["--config", str(path), "--learning_rate", "5e-5", "--network_dim=16",
+                                     "--gradient_checkpointing"])
+    assert job.learning_rate == 5e-5 and job.network_dim == 16 and job.max_train_steps == 10
+    assert job.gradient_checkpointing is True
+    assert job.output_name == "job"  # defaults to the job file's name
+    with pytest.raises(AttributeError, match="read-only"):
+        job.learning_rate = 1.0
+
+
+def test_cli_errors():
+    fields = schema("train_network").fields
+    with pytest.raises(ConfigError, match=r"unknown option --netwrk_dim\. Did you mean 'network_dim'\?"):
+        parse_cli(["--netwrk_dim", "4"], fields)
+    with pytest.raises(ConfigError, match=r"--max_train_steps: 'ten' is not an integer"):
+        parse_cli(["--max_train_steps", "ten"], fields)
+
+
+def test_dataset_config_and_inline_datasets_exclude_each_other(tmp_path):
+    other = tmp_path / "data.toml"
+    other.write_text("[[datasets]]\n")
+    path = job_file(tmp_path, f'dataset_config = "{other}"\n')
+    with pytest.raises(ConfigError, match="either inline .* or with dataset_config"):
+        load_job("train_network", config_path=str(path))
+
+
+def test_print_config_shows_resolved_job_and_exits(tmp_path):
+    path = job_file(tmp_path, "network_dim = 12\n")
+    proc = subprocess.run([sys.executable, str(REPO / "train_network.py"), "--config", str(path), "--print_config",
+                           "--seed", "3"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "network_dim = 12" in proc.stdout and "seed = 3" in proc.stdout and "learning_rate = 0.0001" in proc.stdout
+
+
+def test_bad_job_in_script_prints_message_without_traceback(tmp_path):
+    path = job_file(tmp_path, "network_dimm = 4\n")
+    proc = subprocess.run([sys.executable, str(REPO / "train_network.py"), "--config", str(path)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "error:" in proc.stderr and "Did you mean 'network_dim'" in proc.stderr and "Traceback" not in proc.stderr

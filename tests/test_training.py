@@ -1,0 +1,188 @@
+"""The training loop: it learns, resumes exactly, stops cleanly, and multi-process equals one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from library.config import load_job
+from library.errors import ConfigError
+from library.models.loading import load_sd1
+from library.toy_data import write_shape_folder
+from library.training import jobs  # noqa: F401  (registers the job schemas)
+from library.training.loop import TrainingStopped, train
+from library.training.network_method import NetworkMethod
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data") / "shapes"
+    write_shape_folder(folder, count=8, size=(64, 64), seed=3, shapes=("circle",), colours=("red", "blue"))
+    return folder
+
+
+def write_job(tmp_path: Path, model: Path, images: Path, **keys) -> Path:
+    base = {
+        "pretrained_model_name_or_path": str(model), "output_dir": str(tmp_path / "out"), "output_name": "lora",
+        "network_dim": 4, "network_alpha": 4.0, "learning_rate": 2e-3, "max_train_steps": 8, "seed": 7,
+        "train_batch_size": 2, "cache_latents": True, "optimizer_type": "AdamW", "save_precision": "float",
+    }
+    base.update(keys)
+    lines = [f"{k} = {json.dumps(v)}" for k, v in base.items()]
+    lines += ["[general]", "resolution = 64", "min_bucket_reso = 64", "max_bucket_reso = 64",
+              "[[datasets]]", "[[datasets.subsets]]", f"image_dir = {json.dumps(str(images))}"]
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "job.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run(path: Path, **overrides):
+    job = load_job("train_network", config_path=str(path), overrides=overrides)
+    return train(job, NetworkMethod(job))
+
+
+def fixed_noise_loss(model, network_file: Path | None, images: Path) -> float:
+    """Loss of the U-Net (optionally with a LoRA file) on the images at fixed timesteps and noise."""
+    from networks import apply_network_files
+
+    from library.dataset import TrainDataset, resolve_datasets
+    from library.text_encoding import encode_texts
+    from library.training import noise as nz
+
+    applied = apply_network_files(model.unet, model.text_encoder, [f"{network_file}:1.0"], mode="patch") \
+        if network_file else []
+    configs = resolve_datasets({"resolution": 64, "min_bucket_reso": 64, "max_bucket_reso": 64},
+                               {"datasets": [{"subsets": [{"image_dir": str(images)}]}]}, "test", Path.cwd())
+    data = TrainDataset(configs, seed=0)
+    data.cache_latents(model.vae, "cpu", torch.float32)
+    alphas = nz.sd1_alphas_cumprod()
+    losses = []
+    with torch.no_grad():
+        for n, batch in enumerate(data.batches(1)):
+            g = torch.Generator().manual_seed(n)
+            t = torch.randint(0, 1000, (len(batch["captions"]),), generator=g)
+            noise = torch.randn(batch["latents"].shape, generator=g)
+            ctx = encode_texts(model.tokenizer, model.text_encoder, batch["captions"])
+            pred = model.unet(nz.add_noise(batch["latents"], noise, t, alphas), t, encoder_hidden_states=ctx).sample
+            losses.append(torch.nn.functional.mse_loss(pred, noise).item())
+    for network in applied:
+        network.restore()
+    return sum(losses) / len(losses)
+
+
+def test_lora_training_lowers_fixed_noise_loss_and_file_reproduces_model(tmp_path, tiny_single_file, shapes_dir):
+    job = write_job(tmp_path, tiny_single_file, shapes_dir, max_train_steps=40,
+                    network_args=["conv_dim=4", "conv_alpha=4"])
+    result = run(job)
+    lora = result.final_files[0]
+    assert lora == tmp_path / "out" / "lora.safetensors" and lora.is_file()
+    fresh = load_sd1(tiny_single_file)
+    before = fixed_noise_loss(fresh, None, shapes_dir)
+    after = fixed_noise_loss(fresh, lora, shapes_dir)
+    assert after < 0.8 * before, (before, after)
+    # the file loaded into a fresh model gives the trained model's output
+    from networks import apply_network_files
+
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+    ids = result.model.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    result.method.train_mode(False)
+    with torch.no_grad():
+        trained = result.model.unet(x, t, encoder_hidden_states=result.model.text_encoder(ids).last_hidden_state).sample
+        apply_network_files(fresh.unet, fresh.text_encoder, [f"{lora}:1.0"], mode="patch")
+        loaded = fresh.unet(x, t, encoder_hidden_states=fresh.text_encoder(ids).last_hidden_state).sample
+    torch.testing.assert_close(loaded, trained, rtol=1e-4, atol=1e-5)
+    meta = __import__("networks").load_network_file(lora)[1]
+    assert meta["ss_steps"] == "40" and meta["ss_network_dim"] == "4" and json.loads(meta["ss_dataset_dirs"])
+
+
+def test_resume_reproduces_uninterrupted_losses(tmp_path, tiny_single_file, shapes_dir):
+    full = run(write_job(tmp_path / "a", tiny_single_file, shapes_dir, max_train_steps=8))
+    first = run(write_job(tmp_path / "b", tiny_single_file, shapes_dir, max_train_steps=5,
+                          save_state_on_train_end=True))
+    assert first.losses == full.losses[:5]
+    state = first.state_dir
+    assert json.loads((state / "progress.json").read_text())["global_step"] == 5
+    resumed = run(write_job(tmp_path / "b", tiny_single_file, shapes_dir, max_train_steps=8, resume=str(state)))
+    assert resumed.losses == full.losses[5:]
+    a = __import__("networks").load_network_file(full.final_files[0])[0]
+    b = __import__("networks").load_network_file(resumed.final_files[0])[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_with_message_after_saving_state(tmp_path, tiny_single_file, shapes_dir, monkeypatch):
+    from library.training import noise as nz
+
+    real = nz.per_sample_loss
+    calls = {"n": 0}
+
+    def poisoned(pred, target, *args):
+        calls["n"] += 1
+        loss = real(pred, target, *args)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(nz, "per_sample_loss", poisoned)
+    with pytest.raises(TrainingStopped, match=r"the loss became nan at step 3 .*last good state was saved.*bf16"):
+        run(write_job(tmp_path, tiny_single_file, shapes_dir))
+    progress = json.loads((tmp_path / "out" / "lora-state" / "progress.json").read_text())
+    assert progress["global_step"] == 2
+
+
+def test_fp16_on_cpu_is_refused(tmp_path, tiny_single_file, shapes_dir):
+    with pytest.raises(ConfigError, match=r"fp16.*CPU.*bf16"):
+        run(write_job(tmp_path, tiny_single_file, shapes_dir, mixed_precision="fp16"))
+
+
+def test_sigint_saves_state_and_weights_then_resume_matches(tmp_path, tiny_single_file, shapes_dir):
+    job = write_job(tmp_path, tiny_single_file, shapes_dir, max_train_steps=400)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(REPO / "train_network.py"), "--config", str(job)], cwd=REPO,
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
+    seen = b""
+    deadline = time.time() + 120
+    while b" 1/400 " not in seen and time.time() < deadline and proc.poll() is None:
+        seen += os.read(proc.stderr.fileno(), 4096)  # tqdm writes '\r', not lines: read raw bytes
+    proc.send_signal(signal.SIGINT)  # arrives during the second step
+    _, rest = proc.communicate(timeout=120)
+    err = (seen + rest).decode(errors="replace")
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    state = tmp_path / "out" / "lora-state"
+    step = json.loads((state / "progress.json").read_text())["global_step"]
+    assert 0 < step < 400
+    assert (tmp_path / "out" / f"lora-step{step:08d}.safetensors").is_file()
+    assert f"--resume {state}" in err
+    resumed = run(job, resume=str(state), max_train_steps=step + 3)
+    reference = run(write_job(tmp_path / "ref", tiny_single_file, shapes_dir, max_train_steps=step + 3))
+    assert resumed.losses == reference.losses[step:]
+
+
+def test_two_process_ddp_equals_one_process_with_same_global_batch(tmp_path, tiny_single_file, shapes_dir):
+    """2 processes × batch 2 (gloo on the CPU) == 1 process × batch 2 × 2 accumulation steps."""
+    from networks import load_network_file
+
+    ddp_job = write_job(tmp_path / "ddp", tiny_single_file, shapes_dir, max_train_steps=3)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29561", str(REPO / "train_network.py"), "--config", str(ddp_job)],
+                          cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = run(write_job(tmp_path / "one", tiny_single_file, shapes_dir, max_train_steps=3,
+                           gradient_accumulation_steps=2))
+    a = load_network_file(tmp_path / "ddp" / "out" / "lora.safetensors")[0]
+    b = load_network_file(single.final_files[0])[0]
+    assert set(a) == set(b)
+    moved = [k for k in a if "lora_up" in k and a[k].abs().max() > 0]
+    assert moved  # training changed the weights
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)  # reduction order differs

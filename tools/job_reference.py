@@ -1,0 +1,37 @@
+"""Print the job-key reference of a script as Markdown tables (pasted into the README).
+
+    python tools/job_reference.py train_network
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from library.config import schema  # noqa: E402
+
+
+def reference(script: str) -> str:
+    sections = defaultdict(list)
+    for key, field in schema(script).fields.items():
+        sections[field.section].append((key, field))
+    out = []
+    for section, rows in sections.items():
+        out.append(f"**{section}**\n\n| key | type | default | meaning |\n|---|---|---|---|")
+        for key, field in rows:
+            default = "—" if field.default is None else f"`{field.default!r}`".replace("'", '"')
+            choices = f" One of: {', '.join(map(str, field.choices))}." if field.choices else ""
+            out.append(f"| `{key}` | {field.type} | {default} | {field.help}{choices} |".replace("\n", " "))
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    import importlib
+
+    importlib.import_module("library.training.jobs")
+    for name in sys.argv[1:] or ["train_network"]:
+        print(reference(name))

@@ -1,0 +1,26 @@
+"""Train a LoRA / LoCon network for SD1.x from a TOML job.
+
+    accelerate launch train_network.py --config job.toml [--key value ...]
+    python train_network.py --config job.toml --print_config
+"""
+
+from __future__ import annotations
+
+from library.cli import run_main
+
+
+def main(argv: list[str]):
+    from library.config import load_job
+    from library.training import jobs  # noqa: F401  (registers the job schema)
+    from library.training.loop import train
+    from library.training.network_method import NetworkMethod
+
+    job = load_job("train_network", argv)
+    result = train(job, NetworkMethod(job))
+    if result.interrupted:
+        raise SystemExit(130)
+    return result
+
+
+if __name__ == "__main__":
+    run_main(main)
