@@ -186,3 +186,20 @@ def test_two_process_ddp_equals_one_process_with_same_global_batch(tmp_path, tin
     assert moved  # training changed the weights
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)  # reduction order differs
+
+
+def test_validation_split_holds_out_images_and_its_loss_is_reported(tmp_path, tiny_single_file, shapes_dir):
+    from library.dataset import TrainDataset, resolve_datasets
+    from library.dataset.validation import hold_out
+
+    configs = resolve_datasets({"resolution": 64, "min_bucket_reso": 64, "max_bucket_reso": 64},
+                               {"datasets": [{"subsets": [{"image_dir": str(shapes_dir)}]}]}, "test", Path.cwd())
+    data = TrainDataset(configs, seed=1)
+    held = hold_out(data, 0.25)
+    assert len(held) == 2 and data.num_train_images == 6  # 8 images, a quarter held out
+    assert held == hold_out(TrainDataset(configs, seed=1), 0.25)  # deterministic for the seed
+    result = run(write_job(tmp_path, tiny_single_file, shapes_dir, max_train_steps=30, validation_split=0.25,
+                           validate_every_n_steps=15, network_args=["conv_dim=4", "conv_alpha=4"]))
+    steps = [s for s, _ in result.validation]
+    assert steps == [0, 15, 30]  # before training, every 15 steps, and at the end
+    assert result.validation[-1][1] < result.validation[0][1]  # it generalises to unseen images

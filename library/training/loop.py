@@ -133,6 +133,7 @@ def train(job: Job, method: Method) -> TrainResult:
     from tqdm.auto import tqdm
 
     from library.dataset import TrainDataset
+    from library.dataset.validation import hold_out, validation_batches
 
     started = time.time()
     accelerator = make_accelerator(job)
@@ -161,12 +162,17 @@ def train(job: Job, method: Method) -> TrainResult:
                  f"{world} process(es) on {device.type}")
 
     # ---- data: latents are encoded with the VAE in fp32 (SD's VAE overflows in fp16)
+    method.before_dataset(ctx)
     dataset = TrainDataset(job.datasets, seed=job.seed, tokenizer=model.tokenizer,
                            caption_replacements=method.caption_replacements(),
                            num_workers=job.max_data_loader_n_workers, **method.dataset_options())
+    held_out = hold_out(dataset, job.validation_split) if job.validation_split else []
     if is_main:
         log.info(dataset.bucket_table())
     model.vae.to(device, torch.float32)
+    # the validation images are encoded once, before the VAE may leave the device
+    validation_set = with_fixed_timesteps(
+        validation_batches(dataset, held_out, model.vae, device, job.train_batch_size)) if held_out else []
     if job.cache_latents or job.cache_latents_to_disk:
         dataset.cache_latents(model.vae, device, torch.float32, to_disk=job.cache_latents_to_disk,
                               batch_size=job.vae_batch_size)
@@ -241,8 +247,8 @@ def train(job: Job, method: Method) -> TrainResult:
         n = latents.shape[0]
         seed = job.seed + 1 if validation else job.seed
         gens = [torch.Generator().manual_seed(sample_seed(seed, step, first_index + i)) for i in range(n)]
-        if validation:  # timesteps spread evenly over the schedule
-            t = torch.tensor([int((first_index + i) * 997 % 1000) for i in range(n)], dtype=torch.long)
+        if validation:
+            t = batch["timesteps"]
         else:
             t = torch.cat([nz.sample_timesteps(1, job.min_timestep, job.max_timestep, g) for g in gens])
         noise = torch.cat([nz.sample_noise(latents[i:i + 1], g, job.noise_offset) for i, g in enumerate(gens)])
@@ -281,8 +287,6 @@ def train(job: Job, method: Method) -> TrainResult:
         log.info(f"saved training state to {folder}")
         return folder
 
-    validation_set = dataset.validation_batches() if job.validation_split else []
-
     def run_validation() -> None:
         if not validation_set:
             return
@@ -296,7 +300,7 @@ def train(job: Job, method: Method) -> TrainResult:
         if writer:
             writer.add_scalar("loss/validation", mean, global_step)
         if is_main:
-            log.info(f"step {global_step}: validation loss {mean:.5f}")
+            tqdm.write(f"step {global_step}: validation loss {mean:.5f} ({len(held_out)} held-out images)")
 
     def periodic(step_done: bool, epoch_done: bool) -> None:
         """Saving, validation and sampling at their intervals (not at the very end: that follows)."""
@@ -341,7 +345,8 @@ def train(job: Job, method: Method) -> TrainResult:
                 step_loss = torch.zeros((), device=device)
                 for k, batch in enumerate(mine):
                     first_index = (k * world + rank) * len(batch["captions"])
-                    loss = batch_loss(batch, global_step, first_index)
+                    loss = method.adjust_loss(batch_loss(batch, global_step, first_index), batch, global_step,
+                                              first_index, batch_loss)
                     step_loss += loss.detach() / len(mine)
                     accelerator.backward(loss / len(mine))
                 if world > 1:
@@ -407,6 +412,21 @@ def train(job: Job, method: Method) -> TrainResult:
         log.info(f"done: {global_step} steps in {result.seconds:.0f} s; {_peak_memory_text(device)}; "
                  f"weights: {', '.join(str(f) for f in result.final_files)}")
     return result
+
+
+VALIDATION_TIMESTEPS = 4  # each held-out image is scored at this many timesteps
+
+
+def with_fixed_timesteps(batches: list[dict]) -> list[dict]:
+    """Each validation batch repeated at timesteps spread evenly over the schedule (same every time)."""
+    out = []
+    for r in range(VALIDATION_TIMESTEPS):
+        for k, batch in enumerate(batches):
+            n = len(batch["captions"])
+            # offsets differ per image so that the set covers the schedule finely
+            t = [int(((r + (k * n + i) / (len(batches) * n + 1)) / VALIDATION_TIMESTEPS) * 1000) for i in range(n)]
+            out.append({**batch, "timesteps": torch.tensor(t, dtype=torch.long)})
+    return out
 
 
 def _all_reduce_mean(tensors: list[torch.Tensor]) -> None:

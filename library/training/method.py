@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -42,6 +42,18 @@ class Method:
     @property
     def trains_unet(self) -> bool:
         return True
+
+    def before_dataset(self, ctx: TrainContext) -> None:
+        """Called after setup, before the dataset is read (DreamBooth generates missing class images here)."""
+
+    def adjust_loss(self, loss: torch.Tensor, batch: dict, step: int, index: int,
+                    batch_loss: Callable[[dict, int, int], torch.Tensor]) -> torch.Tensor:
+        """The loss to back-propagate for one micro-batch (default: unchanged).
+
+        `batch_loss(other_batch, step, first_sample_index)` computes the loop's loss for any batch with
+        the same noise rules, e.g. for a contrastive term on a second image set.
+        """
+        return loss
 
     def caption_replacements(self) -> dict[str, str] | None:
         return None
