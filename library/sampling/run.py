@@ -1,0 +1,114 @@
+"""`sample.py`'s work: load the model, embeddings and networks of a sample job, render, report.
+
+Kept out of the script so that tests and other tools can run a job in-process (`run_sample_job(job)`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from library.sampling.infotext import embedding_short_hash, format_number, model_short_hash
+from library.sampling.job import resolve_device, resolve_dtype, specs_from_job, DTYPES
+from library.sampling.networks import (
+    attach_networks, choose_network_modes, find_network, load_sampling_networks,
+)
+from library.sampling.pipeline import SampleRun, Sampler, join_name, sweep_grid, write_grid
+
+log = logging.getLogger("pentadactyl")
+
+
+@dataclass
+class SampleJobResult:
+    runs: list[SampleRun] = field(default_factory=list)
+    grid_path: Path | None = None
+    seconds_per_image: float = 0.0
+
+    @property
+    def images(self):
+        return [image for run in self.runs for image in run.images]
+
+
+def model_display_name(path: str) -> str:
+    """What WebUI shows as "Model": the checkpoint's base name (a diffusers folder's name)."""
+    p = Path(path)
+    return p.stem if p.is_file() else p.name
+
+
+def run_sample_job(job, progress: bool = True) -> SampleJobResult:
+    from library.embeddings import add_embeddings, embedding_files, load_embeddings
+    from library.models.loading import load_sd1
+
+    specs = specs_from_job(job)  # prompt errors before the (slow) model load
+    device = resolve_device(job.device)
+    dtype = resolve_dtype(job.dtype, device)
+    vae_dtype = DTYPES[job.vae_dtype]
+    embedding_files(job.embeddings or [])  # missing files are reported before the slow model load
+    loaded = load_sampling_networks(job.networks or [])
+    sweep_index = find_network(loaded, job.sweep_network) if job.sweep_multipliers else None
+    modes = choose_network_modes(len(loaded), sweep_index, job.network_mode)
+
+    log.info(f"loading {job.pretrained_model_name_or_path}")
+    model = load_sd1(job.pretrained_model_name_or_path, dtype)
+    model.unet.to(device)
+    model.text_encoder.to(device)
+    model.vae.to(device, vae_dtype)
+
+    token_map, ti_hashes = {}, {}
+    if job.embeddings:
+        width = int(model.text_encoder.get_input_embeddings().weight.shape[1])
+        embeddings = load_embeddings(job.embeddings, expected_width=width)
+        token_map = add_embeddings(model.tokenizer, model.text_encoder, embeddings)
+        ti_hashes = {e.name: embedding_short_hash(e.source) for e in embeddings}
+        log.info(f"embeddings: {', '.join(f'{e.name} ({e.num_vectors} vectors)' for e in embeddings)}")
+    attach_networks(loaded, modes, model.unet, model.text_encoder)
+    for network, mode in zip(loaded, modes):
+        log.info(f"network {network.path.name}: {mode}d at {format_number(network.multiplier)}")
+
+    sampler = Sampler(
+        model.unet, model.vae, model.text_encoder, model.tokenizer, clip_skip=job.clip_skip,
+        max_token_length=job.max_token_length if "max_token_length" in job.given else None,
+        device=device, vae_dtype=vae_dtype, sampler=job.sampler,
+        model_name=model_display_name(job.pretrained_model_name_or_path),
+        model_hash=model_short_hash(job.pretrained_model_name_or_path, progress=progress),
+        networks=[n.label() for n in loaded], embedding_tokens=token_map, embedding_hashes=ti_hashes,
+        progress=progress)
+    options = dict(images_per_prompt=job.images_per_prompt, seed=job.seed, seeds=job.seeds,
+                   batch_size=job.batch_size)
+    out_dir = Path(job.output_dir)
+    result = SampleJobResult()
+    began = time.perf_counter()
+    if sweep_index is None:
+        result.runs.append(sampler.sample(specs, out_dir, job.output_name, grid=job.grid, **options))
+        result.grid_path = result.runs[0].grid_path
+    else:
+        swept = loaded[sweep_index]
+        for multiplier in job.sweep_multipliers:
+            swept.set_multiplier(multiplier)
+            sampler.networks = [n.label() for n in loaded]
+            prefix = join_name(job.output_name, swept.name, format_number(multiplier))
+            result.runs.append(sampler.sample(specs, out_dir, prefix, grid=False, **options))
+        if job.grid:
+            labels = [f"{swept.name}: {format_number(m)}" for m in job.sweep_multipliers]
+            rows, row_labels, col_labels = sweep_grid(result.runs, labels)
+            result.grid_path = write_grid(rows, row_labels, col_labels,
+                                          out_dir / join_name(job.output_name, swept.name, "sweep_grid.png"),
+                                          result.runs[0].images[0].parameters)
+    images = result.images
+    result.seconds_per_image = (time.perf_counter() - began) / max(1, len(images))
+    return result
+
+
+def report(result: SampleJobResult) -> str:
+    """A short summary for the terminal: files, speed, and any NaN/black images with the fix."""
+    images = result.images
+    folder = images[0].path.parent if images and images[0].path else None
+    lines = [f"wrote {len(images)} image(s) to {folder} ({result.seconds_per_image:.2f} s/image)"]
+    if result.grid_path:
+        lines.append(f"grid: {result.grid_path}")
+    problems = [im for im in images if im.problem]
+    for image in problems:
+        lines.append(f"warning: {image.path.name if image.path else image.seed}: {image.problem}")
+    return "\n".join(lines)

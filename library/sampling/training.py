@@ -1,0 +1,54 @@
+"""Sampling during training: one callable built at the start of a run, called at the sampling intervals.
+
+    sample_now = make_training_sampler(job, model, device, eval_modules=[network])
+    run = sample_now(global_step, epoch)     # PNGs in <output_dir>/sample/, A1111 parameters included
+
+The prompt file is read when the callable is built, so a bad file stops the run before training.
+Each call puts the models (and `eval_modules`) in eval mode, runs under no_grad, and restores the
+train flags and every global RNG state afterwards: sampling never changes what training does next.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from library.sampling.job import training_sample_specs
+from library.sampling.pipeline import NetworkLabel, SampleRun, Sampler
+from library.sampling.run import model_display_name
+
+log = logging.getLogger("pentadactyl")
+
+SAMPLE_FOLDER = "sample"
+
+
+def training_sample_size(job) -> tuple[int, int]:
+    """(width, height) of training samples: the first dataset's resolution (512×512 without datasets)."""
+    datasets = job.datasets or []
+    return tuple(datasets[0].resolution) if datasets else (512, 512)
+
+
+def make_training_sampler(job, model, device: torch.device | str, eval_modules: Sequence[torch.nn.Module] = (),
+                          size: tuple[int, int] | None = None) -> Callable[[int, int], SampleRun]:
+    """A callable (step, epoch) → SampleRun that writes `<output_name>_e<epoch>_s<step>_<n>_<seed>.png`."""
+    width, height = size or training_sample_size(job)
+    specs = training_sample_specs(job.sample_prompts, width=width, height=height, sampler=job.sample_sampler)
+    networks = [NetworkLabel(job.output_name, 1.0)] if job.script == "train_network" else []
+    sampler = Sampler(
+        model.unet, model.vae, model.text_encoder, model.tokenizer, clip_skip=job.clip_skip,
+        max_token_length=job.max_token_length if "max_token_length" in job.given else None,
+        device=device, sampler=job.sample_sampler,
+        model_name=model_display_name(job.pretrained_model_name_or_path), networks=networks,
+        eval_modules=eval_modules)
+    out_dir = Path(job.output_dir) / SAMPLE_FOLDER
+
+    def sample_now(step: int, epoch: int) -> SampleRun:
+        run = sampler.sample(specs, out_dir, f"{job.output_name}_e{epoch:06d}_s{step:06d}", seed=job.seed)
+        for image in run.problems:
+            log.warning(f"sample {image.path.name}: {image.problem}")
+        return run
+
+    return sample_now
