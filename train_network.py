@@ -11,7 +11,6 @@ from library.cli import run_main
 
 def main(argv: list[str]):
     from library.config import load_job
-    from library.training import jobs  # noqa: F401  (registers the job schema)
     from library.training.loop import train
     from library.training.network_method import NetworkMethod
 

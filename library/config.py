@@ -80,7 +80,15 @@ class ScriptSchema:
     has_datasets: bool
 
 
-_SCHEMAS: dict[str, callable] = {}
+_SCHEMAS: dict[str, "ScriptSchema"] = {}
+
+# Where each script declares its keys; `schema()` imports the module on first use.
+SCRIPT_MODULES = {
+    "train_network": "library.training.jobs",
+    "train_textual_inversion": "library.training.textual_inversion",
+    "train_dreambooth": "library.training.dreambooth",
+    "sample": "library.sampling.job",
+}
 
 
 def register_script(name: str, groups: Iterable[Mapping[str, Field]], has_datasets: bool = True) -> None:
@@ -95,6 +103,10 @@ def register_script(name: str, groups: Iterable[Mapping[str, Field]], has_datase
 
 
 def schema(script: str) -> ScriptSchema:
+    if script not in _SCHEMAS and script in SCRIPT_MODULES:
+        import importlib
+
+        importlib.import_module(SCRIPT_MODULES[script])
     if script not in _SCHEMAS:
         raise KeyError(f"unknown script {script!r}; known: {sorted(_SCHEMAS)}")
     return _SCHEMAS[script]

@@ -10,7 +10,6 @@ import pytest
 
 from library.config import load_job, parse_cli, schema
 from library.errors import ConfigError
-from library.training import jobs  # noqa: F401  (registers the job schemas)
 
 REPO = Path(__file__).resolve().parent.parent
 

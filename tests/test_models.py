@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from library.errors import ModelLoadError
 from library.models import architecture as arch
 from library.models import ldm_keys
-from library.models.loading import SD1Model, ldm_state_dict, load_sd1, save_sd1_diffusers, save_sd1_single_file
+from library.models.loading import ldm_state_dict, load_sd1, save_sd1_diffusers, save_sd1_single_file
 from library.models.tokenizer import load_tokenizer
 
 

@@ -17,7 +17,6 @@ from library.config import load_job
 from library.errors import ConfigError
 from library.models.loading import load_sd1
 from library.toy_data import write_shape_folder
-from library.training import jobs  # noqa: F401  (registers the job schemas)
 from library.training.loop import TrainingStopped, train
 from library.training.network_method import NetworkMethod
 

@@ -1,6 +1,7 @@
-"""Print the job-key reference of a script as Markdown tables (pasted into the README).
+"""Print the job-key reference as Markdown tables (pasted into the README; a test keeps them in step).
 
-    python tools/job_reference.py train_network
+    python tools/job_reference.py train_network     # a script's job keys
+    python tools/job_reference.py datasets          # keys of [[datasets]] and [[datasets.subsets]]
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from library.config import schema  # noqa: E402
 
 
-def reference(script: str) -> str:
+def reference(fields) -> str:
     sections = defaultdict(list)
-    for key, field in schema(script).fields.items():
+    for key, field in fields.items():
         sections[field.section].append((key, field))
     out = []
     for section, rows in sections.items():
@@ -30,8 +31,10 @@ def reference(script: str) -> str:
 
 
 if __name__ == "__main__":
-    import importlib
-
-    importlib.import_module("library.training.jobs")
     for name in sys.argv[1:] or ["train_network"]:
-        print(reference(name))
+        if name == "datasets":
+            from library.dataset import DATASET_FIELDS, SUBSET_FIELDS, SUBSET_ONLY_FIELDS
+
+            print(reference({**SUBSET_ONLY_FIELDS, **SUBSET_FIELDS, **DATASET_FIELDS}))
+        else:
+            print(reference(schema(name).fields))

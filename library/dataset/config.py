@@ -30,7 +30,7 @@ UNET_GRID = 64  # latent sizes divisible by 8 keep the SD1.x U-Net's three downs
 
 # Keys only a subset can have: they describe one folder.
 SUBSET_ONLY_FIELDS: dict[str, Field] = {
-    "image_dir": Field("path", None, "The folder holding this subset's images (relative to the job file).", section="subset"),
+    "image_dir": Field("path", None, "The folder holding this subset's images (relative paths: from the folder you run the command in).", section="subset"),
     "num_repeats": Field("int", 1, "How many times each image is seen per epoch.", minimum=1, section="subset"),
     "class_tokens": Field("str", None, "Caption for images without a caption file (and the {} of caption_templates).", section="subset"),
     "is_reg": Field("bool", False, "Regularisation images (prior preservation): balanced against the training images; "

@@ -56,7 +56,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from library.config import load_job
         from library.models.tokenizer import load_tokenizer
-        from library.training import jobs  # noqa: F401  (registers the training scripts' schemas)
 
         job = load_job(args.script, ["--config", args.config])
         dataset = TrainDataset(job.datasets, seed=job.seed if args.seed is None else args.seed,

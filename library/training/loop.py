@@ -47,10 +47,12 @@ class TrainResult:
     final_files: list[Path]
     global_step: int
     losses: list[float] = field(default_factory=list)  # loss of every optimizer step (mean over micro-batches)
+    step_seconds: list[float] = field(default_factory=list)  # wall time of every optimizer step
     validation: list[tuple[int, float]] = field(default_factory=list)
     state_dir: Path | None = None
     interrupted: bool = False
     seconds: float = 0.0
+    peak_memory: str = ""
     model: object = None  # the SD1Model with the method applied (for in-process use: grids, tests)
     method: Method | None = None
 
@@ -148,8 +150,9 @@ def train(job: Job, method: Method) -> TrainResult:
         log.info(f"loaded {model.source} in {model.load_seconds:.1f} s")
     attention = set_attention_backend(model.unet, job, device)
     ctx = TrainContext(job, model, device, weight_dtype)
-    model.unet.to(device, weight_dtype)
-    model.text_encoder.to(device, weight_dtype)
+    # what the method trains in full stays float32: a round trip through bf16/fp16 would lose the base's low bits
+    for part in ("unet", "text_encoder"):
+        getattr(model, part).to(device, torch.float32 if part in method.full_precision_parts else weight_dtype)
     param_groups = method.setup(ctx)
     if not any(p.requires_grad for g in param_groups for p in g["params"]):
         raise ConfigError(f"{job.source}: nothing to train: every learning rate is 0 or every part is disabled.")
@@ -340,6 +343,7 @@ def train(job: Job, method: Method) -> TrainResult:
             batches = dataset.batches(epoch, start=done_in_epoch, global_step=global_step,
                                       accumulation_steps=batches_per_step)
             while done_in_epoch < epoch_batches and global_step < total_steps:
+                step_started = time.perf_counter()
                 group = [next(batches) for _ in range(min(batches_per_step, epoch_batches - done_in_epoch))]
                 mine = group[rank::world]
                 step_loss = torch.zeros((), device=device)
@@ -370,6 +374,7 @@ def train(job: Job, method: Method) -> TrainResult:
                 done_in_epoch += len(group)
                 value = step_loss.item()
                 result.losses.append(value)
+                result.step_seconds.append(time.perf_counter() - step_started)
                 running = (running + [value])[-50:]
                 lrs = scheduler.get_last_lr()
                 progress_bar.update(1)
@@ -408,8 +413,9 @@ def train(job: Job, method: Method) -> TrainResult:
     if writer:
         writer.close()
     result.seconds = time.time() - started
+    result.peak_memory = _peak_memory_text(device)
     if is_main:
-        log.info(f"done: {global_step} steps in {result.seconds:.0f} s; {_peak_memory_text(device)}; "
+        log.info(f"done: {global_step} steps in {result.seconds:.0f} s; {result.peak_memory}; "
                  f"weights: {', '.join(str(f) for f in result.final_files)}")
     return result
 

@@ -30,6 +30,9 @@ class Method:
 
     name = "method"
     artifact_suffix = ".safetensors"
+    # model parts ("unet", "text_encoder") this method trains in full: the loop keeps them in float32
+    # under mixed precision instead of casting them to the frozen-weight dtype
+    full_precision_parts: tuple[str, ...] = ()
 
     def setup(self, ctx: TrainContext) -> list[dict]:
         """Make the model trainable as this method wants; return optimizer param groups (each with "lr")."""

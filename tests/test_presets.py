@@ -1,0 +1,49 @@
+"""Every ready-made job in dataset_configs/ is a valid job for its script."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from library.config import load_job
+from library.schema import load_toml
+
+REPO = Path(__file__).resolve().parent.parent
+PRESETS = REPO / "dataset_configs"
+
+# preset file -> the script it is a job of
+SCRIPTS = {
+    "quickstart.toml": "train_network",
+    "hands_11k_attention_r4.toml": "train_network",
+    "hands_11k_attention_r64.toml": "train_network",
+    "photos_drawings_te_conv.toml": "train_network",
+    "photos_conv_r8_a4.toml": "train_network",
+    "sample_compare.toml": "sample",
+    "sample_quickstart.toml": "sample",
+}
+
+
+def test_every_preset_is_listed():
+    assert sorted(p.name for p in PRESETS.glob("*.toml")) == sorted(SCRIPTS)
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_preset_is_a_valid_job(name, tmp_path, monkeypatch):
+    script = SCRIPTS[name]
+    table = load_toml(PRESETS / name)
+    # the folders a preset reads, made here with one small image each
+    for dataset in table.get("datasets", []):
+        for subset in dataset.get("subsets", []):
+            folder = tmp_path / subset["image_dir"]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (512, 512), "white").save(folder / "a.png")
+            (folder / "a.txt").write_text("a hand")
+    monkeypatch.chdir(tmp_path)
+    job = load_job(script, config_path=str(PRESETS / name))
+    assert job.pretrained_model_name_or_path
+    if script == "train_network":
+        from library.training.network_method import NetworkMethod
+
+        NetworkMethod(job)  # network settings are valid too

@@ -1,0 +1,33 @@
+"""The README stays true to the code: every job key is documented, the test command is CI's."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from library.config import UNSUPPORTED, schema
+
+REPO = Path(__file__).resolve().parent.parent
+README = (REPO / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("script", ["train_network"])
+def test_every_job_key_is_documented(script):
+    missing = [key for key in schema(script).fields if f"`{key}`" not in README]
+    assert not missing, f"README lacks {missing}; regenerate with tools/job_reference.py {script}"
+
+
+def test_every_dataset_key_and_unsupported_key_is_documented():
+    from library.dataset import DATASET_FIELDS, SUBSET_FIELDS, SUBSET_ONLY_FIELDS, UNSUPPORTED_DATASET_KEYS
+
+    keys = [*SUBSET_ONLY_FIELDS, *SUBSET_FIELDS, *DATASET_FIELDS]
+    assert not [k for k in keys if f"`{k}`" not in README]
+    assert not [k for k in [*UNSUPPORTED, *UNSUPPORTED_DATASET_KEYS] if k not in README]
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (REPO / ".ci" / "run").read_text()
+    command = re.search(r"^make \S+", ci, re.M).group(0)
+    assert command == "make test" and f"{command}  " in README or f"\n{command}" in README
