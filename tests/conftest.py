@@ -5,8 +5,19 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """The tests' tensors are small: on a 2-core machine one thread is as fast, and when another
+    process holds a core, OpenMP's spinning threads make them many times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

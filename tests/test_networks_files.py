@@ -25,16 +25,6 @@ from networks.check_lora import format_report, inspect_file, main as check_lora_
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # The test machines have 2 shared cores; OpenMP's spinning threads slow these small, memory-bound
-    # workloads down many times over when another process holds a core, so run them single-threaded.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def tiny_models():
     torch.manual_seed(0)

@@ -22,16 +22,6 @@ from networks import NetworkSpec, create_network, save_network
 MULTIPLIER = 0.8
 POOL = torch.randn(1 << 20, generator=torch.Generator().manual_seed(0)) * 0.02
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # The test machines have 2 shared cores; OpenMP's spinning threads slow these small, memory-bound
-    # workloads down many times over when another process holds a core, so run them single-threaded.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 
 def pattern_values(name: str, shape: torch.Size, out: torch.Tensor | None = None) -> torch.Tensor:
     """Deterministic pseudo-random values for one parameter, cheap for 860M numbers (slices of POOL)."""

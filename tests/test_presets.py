@@ -20,6 +20,9 @@ SCRIPTS = {
     "hands_11k_attention_r64.toml": "train_network",
     "photos_drawings_te_conv.toml": "train_network",
     "photos_conv_r8_a4.toml": "train_network",
+    "dreambooth_palms_lora.toml": "train_dreambooth",
+    "dreambooth_handshakes_lora.toml": "train_dreambooth",
+    "dreambooth_palms_full.toml": "train_dreambooth",
     "sample_compare.toml": "sample",
     "sample_quickstart.toml": "sample",
 }
@@ -47,3 +50,7 @@ def test_preset_is_a_valid_job(name, tmp_path, monkeypatch):
         from library.training.network_method import NetworkMethod
 
         NetworkMethod(job)  # network settings are valid too
+    if script == "train_dreambooth":
+        from library.training.dreambooth import make_method, prepare_job
+
+        make_method(prepare_job(job))

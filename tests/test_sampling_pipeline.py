@@ -20,15 +20,6 @@ from tests.test_sampling_units import parse_hash_list, parse_parameters
 SPEC = PromptSpec("a photo of a hand", "disfigured", width=64, height=64, steps=3, sampler="ddim")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions are slower with two threads on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny(tiny_single_file):
     from library.models.loading import load_sd1
@@ -242,7 +233,8 @@ def test_training_sampler_with_a_patched_network(tiny, tiny_single_file, lora_fi
     network.train()
     tiny.unet.train()
     try:
-        sample_now = make_training_sampler(job, tiny, "cpu", eval_modules=[network], size=(64, 64))
+        sample_now = make_training_sampler(job, tiny, "cpu", eval_modules=[network], size=(64, 64),
+                                           trains_network=True)
         torch.manual_seed(0)
         expected = torch.rand(2)
         torch.manual_seed(0)

@@ -1,6 +1,7 @@
 """Print the job-key reference as Markdown tables (pasted into the README; a test keeps them in step).
 
     python tools/job_reference.py train_network     # a script's job keys
+    python tools/job_reference.py train_dreambooth  # the keys it adds to train_network's, or has instead
     python tools/job_reference.py datasets          # keys of [[datasets]] and [[datasets.subsets]]
 """
 
@@ -36,5 +37,8 @@ if __name__ == "__main__":
             from library.dataset import DATASET_FIELDS, SUBSET_FIELDS, SUBSET_ONLY_FIELDS
 
             print(reference({**SUBSET_ONLY_FIELDS, **SUBSET_FIELDS, **DATASET_FIELDS}))
-        else:
+        elif name in ("train_network", "sample"):
             print(reference(schema(name).fields))
+        else:
+            base = schema("train_network").fields
+            print(reference({k: f for k, f in schema(name).fields.items() if base.get(k) != f}))

@@ -50,11 +50,11 @@ from library.sampling.prompts import PromptSpec, parse_prompt_file
 from library.sampling.schedulers import SAMPLERS, make_scheduler, resolve_sampler, sampler_names
 
 
-def make_training_sampler(job, model, device, eval_modules=(), size=None):
+def make_training_sampler(job, model, device, eval_modules=(), size=None, trains_network=False):
     """See library.sampling.training (imported lazily: it registers the "sample" job schema)."""
     from library.sampling.training import make_training_sampler as make
 
-    return make(job, model, device, eval_modules, size)
+    return make(job, model, device, eval_modules, size, trains_network)
 
 __all__ = [
     "GeneratedImage",

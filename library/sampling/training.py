@@ -32,11 +32,13 @@ def training_sample_size(job) -> tuple[int, int]:
 
 
 def make_training_sampler(job, model, device: torch.device | str, eval_modules: Sequence[torch.nn.Module] = (),
-                          size: tuple[int, int] | None = None) -> Callable[[int, int], SampleRun]:
+                          size: tuple[int, int] | None = None,
+                          trains_network: bool = False) -> Callable[[int, int], SampleRun]:
     """A callable (step, epoch) → SampleRun that writes `<output_name>_e<epoch>_s<step>_<n>_<seed>.png`."""
     width, height = size or training_sample_size(job)
     specs = training_sample_specs(job.sample_prompts, width=width, height=height, sampler=job.sample_sampler)
-    networks = [NetworkLabel(job.output_name, 1.0)] if job.script == "train_network" else []
+    # a LoRA being trained is named in the PNGs as <lora:output_name:1>, as WebUI would load the file
+    networks = [NetworkLabel(job.output_name, 1.0)] if trains_network else []
     sampler = Sampler(
         model.unet, model.vae, model.text_encoder, model.tokenizer, clip_skip=job.clip_skip,
         max_token_length=job.max_token_length if "max_token_length" in job.given else None,

@@ -486,4 +486,5 @@ def _in_training_sampler(job: Job, model, device, method: Method):
         return None
     from library.sampling import make_training_sampler
 
-    return make_training_sampler(job, model, device, eval_modules=method.modules())
+    return make_training_sampler(job, model, device, eval_modules=method.modules(),
+                                 trains_network=method.saves_network)

@@ -30,6 +30,7 @@ class Method:
 
     name = "method"
     artifact_suffix = ".safetensors"
+    saves_network = False  # the artifact is a LoRA file (samples are then labelled <lora:name:1>)
     # model parts ("unet", "text_encoder") this method trains in full: the loop keeps them in float32
     # under mixed precision instead of casting them to the frozen-weight dtype
     full_precision_parts: tuple[str, ...] = ()

@@ -38,6 +38,7 @@ def part_learning_rates(job: Job) -> tuple[float, float]:
 
 class NetworkMethod(Method):
     name = "network"
+    saves_network = True
 
     def __init__(self, job: Job):
         from networks import NetworkSpec
