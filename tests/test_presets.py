@@ -20,6 +20,10 @@ SCRIPTS = {
     "hands_11k_attention_r64.toml": "train_network",
     "photos_drawings_te_conv.toml": "train_network",
     "photos_conv_r8_a4.toml": "train_network",
+    "ti_handpalm.toml": "train_textual_inversion",
+    "ti_handpalm_prompts.toml": None,  # a prompt file (sd-scripts .toml syntax), not a job
+    "ti_negative_hands.toml": "train_textual_inversion",
+    "ti_negative_hands_prompts.toml": None,
     "dreambooth_palms_lora.toml": "train_dreambooth",
     "dreambooth_handshakes_lora.toml": "train_dreambooth",
     "dreambooth_palms_full.toml": "train_dreambooth",
@@ -32,7 +36,7 @@ def test_every_preset_is_listed():
     assert sorted(p.name for p in PRESETS.glob("*.toml")) == sorted(SCRIPTS)
 
 
-@pytest.mark.parametrize("name", sorted(SCRIPTS))
+@pytest.mark.parametrize("name", sorted(n for n, script in SCRIPTS.items() if script))
 def test_preset_is_a_valid_job(name, tmp_path, monkeypatch):
     script = SCRIPTS[name]
     table = load_toml(PRESETS / name)
@@ -54,3 +58,14 @@ def test_preset_is_a_valid_job(name, tmp_path, monkeypatch):
         from library.training.dreambooth import make_method, prepare_job
 
         make_method(prepare_job(job))
+    if script == "train_textual_inversion":
+        from library.training.textual_inversion import TextualInversionMethod
+
+        TextualInversionMethod(job)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, script in SCRIPTS.items() if script is None))
+def test_prompt_presets_parse(name):
+    from library.sampling import parse_prompt_file
+
+    assert parse_prompt_file(PRESETS / name)

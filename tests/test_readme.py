@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text(encoding="utf-8")
 
 
-@pytest.mark.parametrize("script", ["train_network", "train_dreambooth", "sample"])
+@pytest.mark.parametrize("script", ["train_network", "train_textual_inversion", "train_dreambooth", "sample"])
 def test_every_job_key_is_documented(script):
     missing = [key for key in schema(script).fields if f"`{key}`" not in README]
     assert not missing, f"README lacks {missing}; regenerate with tools/job_reference.py {script}"

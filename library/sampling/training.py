@@ -44,6 +44,7 @@ def make_training_sampler(job, model, device: torch.device | str, eval_modules: 
         max_token_length=job.max_token_length if "max_token_length" in job.given else None,
         device=device, sampler=job.sample_sampler,
         model_name=model_display_name(job.pretrained_model_name_or_path), networks=networks,
+        embedding_tokens=model.extra.get("embedding_tokens"),  # tokens a textual-inversion run added
         eval_modules=eval_modules)
     out_dir = Path(job.output_dir) / SAMPLE_FOLDER
 

@@ -1,0 +1,29 @@
+"""Train a textual-inversion embedding (or a negative embedding) for SD1.x from a TOML job.
+
+    accelerate launch train_textual_inversion.py --config dataset_configs/ti_handpalm.toml
+    python train_textual_inversion.py --config job.toml --token_string "<mytoken>" --init_word hand
+    python train_textual_inversion.py --config job.toml --print_config
+
+The result is `<output_dir>/<output_name>.safetensors` ({"emb_params": [n, 768]}) or, with
+save_model_as = "pt", A1111's .pt layout. A1111 and ComfyUI use it by its file name.
+"""
+
+from __future__ import annotations
+
+from library.cli import run_main
+
+
+def main(argv: list[str]):
+    from library.config import load_job
+    from library.training.loop import train
+    from library.training.textual_inversion import TextualInversionMethod  # also registers the job keys
+
+    job = load_job("train_textual_inversion", argv)
+    result = train(job, TextualInversionMethod(job))
+    if result.interrupted:
+        raise SystemExit(130)
+    return result
+
+
+if __name__ == "__main__":
+    run_main(main)
