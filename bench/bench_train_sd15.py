@@ -13,11 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def write_random_sd15(path: Path) -> None:
@@ -86,6 +89,7 @@ def main() -> None:
                               "median_step_s": round(statistics.median(steady), 2),
                               "steps": len(result.step_seconds), "peak": result.peak_memory}
         print(json.dumps({precision: results[precision]}))
+        del result  # free this run's model before the next one loads
     print(json.dumps(results, indent=2))
 
 

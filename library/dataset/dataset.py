@@ -112,7 +112,7 @@ class TrainDataset:
             log.warning("skipped: %s", line)
         for d, ds in enumerate(self.configs):
             for sub, report in zip(ds.subsets, self.reports[d]):
-                log.info(describe_caption_sources(report, sub))
+                log.info(describe_caption_sources(report, sub, bool(self.caption_templates)))
 
         self._removed: set[int] = set()
         self._latents: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -276,7 +276,7 @@ class TrainDataset:
                 kind = "regularisation" if sub.is_reg else "training"
                 lines.append(f"  {sub.image_dir}: {len(live)} {kind} images × {rep} repeats"
                              + (f", class_tokens '{sub.class_tokens}'" if sub.class_tokens else ""))
-                lines.append("    " + describe_caption_sources(report, sub).split(": ", 1)[1])
+                lines.append("    " + describe_caption_sources(report, sub, bool(self.caption_templates)).split(": ", 1)[1])
                 opts = [k for k in ("flip_aug", "color_aug", "random_crop") if getattr(sub, k)]
                 if sub.caption.shuffle:
                     opts.append(f"shuffle_caption (keep_tokens {sub.caption.keep_tokens})")

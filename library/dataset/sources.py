@@ -154,12 +154,20 @@ def scan_subset(ds: DatasetConfig, sub: SubsetConfig, ds_index: int, sub_index: 
     return report
 
 
-def describe_caption_sources(report: SubsetReport, sub: SubsetConfig) -> str:
-    """One log line saying where captions came from: the answer to "did it read my .txt files?"."""
+def describe_caption_sources(report: SubsetReport, sub: SubsetConfig, run_templates: bool = False) -> str:
+    """One log line saying where captions came from: the answer to "did it read my .txt files?".
+
+    `run_templates`: the trainer supplies caption templates (textual inversion) for uncaptioned images.
+    """
     parts = [f"{n} from {src} files" for src, n in sorted(report.caption_sources.items()) if src != "none"]
     missing = report.caption_sources.get("none", 0)
     if missing:
-        fallback = "caption_templates" if sub.caption_templates else f"class_tokens '{sub.class_tokens}'"
+        if sub.caption_templates or run_templates:
+            fallback = "caption templates"
+        elif sub.class_tokens is not None:
+            fallback = f"class_tokens '{sub.class_tokens}'"
+        else:
+            fallback = "an empty caption: set class_tokens or add caption files"
         parts.append(f"{missing} without a caption file (using {fallback})")
     looked = sub.caption_extension or "'.txt' or '.caption' (caption_extension unset)"
     return f"{report.image_dir}: captions: {', '.join(parts)}; looked for {looked}."
