@@ -202,3 +202,35 @@ def test_validation_split_holds_out_images_and_its_loss_is_reported(tmp_path, ti
     steps = [s for s, _ in result.validation]
     assert steps == [0, 15, 30]  # before training, every 15 steps, and at the end
     assert result.validation[-1][1] < result.validation[0][1]  # it generalises to unseen images
+
+
+def test_periodic_saves_pruning_ema_tensorboard_and_text_cache(tmp_path, tiny_single_file, shapes_dir, monkeypatch):
+    from networks import load_network_file
+
+    from library.training import loop
+
+    calls = {"texts": 0}
+    real_encode = loop.encode_texts
+
+    def counting_encode(tokenizer, text_encoder, texts, *args):
+        calls["texts"] += len(texts)
+        return real_encode(tokenizer, text_encoder, texts, *args)
+
+    monkeypatch.setattr(loop, "encode_texts", counting_encode)
+    job = write_job(tmp_path, tiny_single_file, shapes_dir, max_train_steps=8, save_every_n_steps=2,
+                    save_last_n_steps=4, ema_decay=0.5, logging_dir=str(tmp_path / "logs"),
+                    network_train_unet_only=True)
+    result = run(job)
+    out = tmp_path / "out"
+    # saves at steps 2, 4, 6; only those of the last 4 steps are kept beside the final file
+    assert sorted(p.name for p in out.glob("*.safetensors")) == [
+        "lora-step00000004.safetensors", "lora-step00000006.safetensors", "lora.safetensors"]
+    # the frozen text encoder saw each distinct caption once (8 images, 2 colours, 2 backgrounds at most)
+    captions = {c.read_text() for c in shapes_dir.glob("*.txt")}
+    assert calls["texts"] == len(captions)
+    # EMA: the saved weights are the average, not the last weights
+    saved = load_network_file(result.final_files[0])[0]
+    raw = result.method.network.kohya_state_dict()
+    up = next(k for k in saved if k.endswith("lora_up.weight"))
+    assert not torch.allclose(saved[up].float(), raw[up].float())
+    assert list((tmp_path / "logs").glob("*/events.out.tfevents.*"))
