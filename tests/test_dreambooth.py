@@ -18,6 +18,8 @@ from library.toy_data import write_shape_folder
 from library.training import dreambooth  # noqa: F401  (registers the job schema)
 from library.training.class_images import generate_class_images, plan_class_images
 
+from helpers import fixed_noise_loss
+
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -60,36 +62,6 @@ def write_job(tmp_path: Path, model: Path, instance: Path, class_dir: Path, **ke
 
 def run(path: Path, *args: str):
     return train_dreambooth.main(["--config", str(path), *args])
-
-
-def fixed_noise_loss(model, folder: Path, caption: str, network_file: Path | None = None) -> float:
-    """Mean loss over a folder's images at fixed timesteps and noise (optionally with a LoRA patched in)."""
-    from networks import apply_network_files
-
-    from library.dataset import TrainDataset, resolve_datasets
-    from library.text_encoding import encode_texts
-    from library.training import noise as nz
-
-    applied = apply_network_files(model.unet, model.text_encoder, [f"{network_file}:1.0"], mode="patch") \
-        if network_file else []
-    configs = resolve_datasets({"resolution": 64, "min_bucket_reso": 64, "max_bucket_reso": 64},
-                               {"datasets": [{"subsets": [{"image_dir": str(folder), "class_tokens": caption,
-                                                           "caption_extension": ".none"}]}]}, "test", Path.cwd())
-    data = TrainDataset(configs, seed=0)
-    data.cache_latents(model.vae, "cpu", torch.float32)
-    alphas, losses = nz.sd1_alphas_cumprod(), []
-    with torch.no_grad():
-        for n, batch in enumerate(data.batches(1)):
-            for k in range(4):  # four fixed timesteps per image: a steadier estimate
-                g = torch.Generator().manual_seed(100 * n + k)
-                t = torch.tensor([50 + 250 * k])
-                noise = torch.randn(batch["latents"].shape, generator=g)
-                ctx = encode_texts(model.tokenizer, model.text_encoder, batch["captions"])
-                pred = model.unet(nz.add_noise(batch["latents"], noise, t, alphas), t, encoder_hidden_states=ctx).sample
-                losses.append(torch.nn.functional.mse_loss(pred, noise).item())
-    for network in applied:
-        network.restore()
-    return sum(losses) / len(losses)
 
 
 # ------------------------------------------------------------------------------------------ the loss
@@ -221,8 +193,8 @@ def test_lora_dreambooth_learns_subject_and_keeps_class(tmp_path, tiny_single_fi
     assert meta["ss_num_reg_images"] == "4"
 
     base = load_sd1(tiny_single_file)
-    inst_before, inst_after = (fixed_noise_loss(base, subject, "sks circle", f) for f in (None, lora))
-    cls_before, cls_after = (fixed_noise_loss(base, classes, "a circle", f) for f in (None, lora))
+    inst_before, inst_after = (fixed_noise_loss(base, subject, "sks circle", network_file=f) for f in (None, lora))
+    cls_before, cls_after = (fixed_noise_loss(base, classes, "a circle", network_file=f) for f in (None, lora))
     assert inst_after < 0.85 * inst_before, (inst_before, inst_after)
     assert cls_after < 1.25 * cls_before, (cls_before, cls_after)  # the class prior does not blow up
 

@@ -20,6 +20,8 @@ from library.toy_data import write_shape_folder
 from library.training.loop import TrainingStopped, train
 from library.training.network_method import NetworkMethod
 
+from helpers import fixed_noise_loss
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -51,35 +53,6 @@ def run(path: Path, **overrides):
     return train(job, NetworkMethod(job))
 
 
-def fixed_noise_loss(model, network_file: Path | None, images: Path) -> float:
-    """Loss of the U-Net (optionally with a LoRA file) on the images at fixed timesteps and noise."""
-    from networks import apply_network_files
-
-    from library.dataset import TrainDataset, resolve_datasets
-    from library.text_encoding import encode_texts
-    from library.training import noise as nz
-
-    applied = apply_network_files(model.unet, model.text_encoder, [f"{network_file}:1.0"], mode="patch") \
-        if network_file else []
-    configs = resolve_datasets({"resolution": 64, "min_bucket_reso": 64, "max_bucket_reso": 64},
-                               {"datasets": [{"subsets": [{"image_dir": str(images)}]}]}, "test", Path.cwd())
-    data = TrainDataset(configs, seed=0)
-    data.cache_latents(model.vae, "cpu", torch.float32)
-    alphas = nz.sd1_alphas_cumprod()
-    losses = []
-    with torch.no_grad():
-        for n, batch in enumerate(data.batches(1)):
-            g = torch.Generator().manual_seed(n)
-            t = torch.randint(0, 1000, (len(batch["captions"]),), generator=g)
-            noise = torch.randn(batch["latents"].shape, generator=g)
-            ctx = encode_texts(model.tokenizer, model.text_encoder, batch["captions"])
-            pred = model.unet(nz.add_noise(batch["latents"], noise, t, alphas), t, encoder_hidden_states=ctx).sample
-            losses.append(torch.nn.functional.mse_loss(pred, noise).item())
-    for network in applied:
-        network.restore()
-    return sum(losses) / len(losses)
-
-
 def test_lora_training_lowers_fixed_noise_loss_and_file_reproduces_model(tmp_path, tiny_single_file, shapes_dir):
     job = write_job(tmp_path, tiny_single_file, shapes_dir, max_train_steps=40,
                     network_args=["conv_dim=4", "conv_alpha=4"])
@@ -87,8 +60,8 @@ def test_lora_training_lowers_fixed_noise_loss_and_file_reproduces_model(tmp_pat
     lora = result.final_files[0]
     assert lora == tmp_path / "out" / "lora.safetensors" and lora.is_file()
     fresh = load_sd1(tiny_single_file)
-    before = fixed_noise_loss(fresh, None, shapes_dir)
-    after = fixed_noise_loss(fresh, lora, shapes_dir)
+    before = fixed_noise_loss(fresh, shapes_dir)
+    after = fixed_noise_loss(fresh, shapes_dir, network_file=lora)
     assert after < 0.8 * before, (before, after)
     # the file loaded into a fresh model gives the trained model's output
     from networks import apply_network_files
