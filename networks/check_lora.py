@@ -182,7 +182,8 @@ def format_report(report: FileReport) -> str:
             out.append(f"SD1.5: all {fitting} modules map onto SD1.5 layers with matching shapes")
         else:
             bad = [m.name for m in report.modules if not m.fits]
-            out.append(f"SD1.5: {len(bad)} of {len(report.modules)} modules do NOT map onto SD1.5: "
+            out.append(f"SD1.5: {len(bad)} of {len(report.modules)} modules do not fit SD1.5's layers (a name SD1.5 "
+                       "lacks, or a shape of another base model, e.g. a tiny or SD2 model): "
                        f"{', '.join(bad[:5])}" + (" ..." if len(bad) > 5 else ""))
     if report.hash_check:
         out.append("")

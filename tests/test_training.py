@@ -76,6 +76,8 @@ def test_lora_training_lowers_fixed_noise_loss_and_file_reproduces_model(tmp_pat
     torch.testing.assert_close(loaded, trained, rtol=1e-4, atol=1e-5)
     meta = __import__("networks").load_network_file(lora)[1]
     assert meta["ss_steps"] == "40" and meta["ss_network_dim"] == "4" and json.loads(meta["ss_dataset_dirs"])
+    assert meta["ss_epoch"] == "10"  # 8 images, batch 2: 4 steps an epoch, the 10th epoch just finished
+    assert meta["ss_resolution"] == "(64, 64)" and meta["modelspec.resolution"] == "64x64"
 
 
 def test_resume_reproduces_uninterrupted_losses(tmp_path, tiny_single_file, shapes_dir):

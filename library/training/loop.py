@@ -269,7 +269,9 @@ def train(job: Job, method: Method) -> TrainResult:
     def save_artifacts(suffix: str) -> list[Path]:
         if not is_main:
             return []
-        metadata = build_metadata(job, dataset, method, started, global_step, epoch, total_steps)
+        # the epoch in progress, or the one just finished when a save falls on an epoch's end
+        metadata = build_metadata(job, dataset, method, started, global_step, epoch if done_in_epoch else epoch - 1,
+                                  total_steps)
         path = output_dir / f"{job.output_name}{suffix}{method.artifact_suffix}"
         if ema is not None:
             raw = {k: v.detach().clone() for k, v in method.trainable_state().items()}

@@ -22,6 +22,7 @@ def build_metadata(job: Job, dataset, method, started: float, step: int, epoch: 
         "ss_sd_model_name": Path(job.pretrained_model_name_or_path).name,
         "ss_base_model_version": "sd_v1",
         "ss_v2": "False",
+        "ss_resolution": str(tuple(job.datasets[0].resolution)) if job.datasets else "(512, 512)",
         "ss_steps": str(step),
         "ss_max_train_steps": str(total_steps),
         "ss_epoch": str(epoch),
