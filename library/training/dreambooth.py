@@ -46,7 +46,7 @@ from library.errors import ConfigError
 from library.schema import Field
 from library.training.jobs import COMMON_TRAINING_GROUPS
 from library.training.fields import NETWORK_FIELDS
-from library.training.method import Method, TrainContext
+from library.training.method import SAVE_DTYPES, Method, TrainContext
 from library.training.network_method import NetworkMethod, part_learning_rates
 
 log = logging.getLogger("pentadactyl")
@@ -77,7 +77,6 @@ DREAMBOOTH_FIELDS: dict[str, Field] = {
 register_script("train_dreambooth", COMMON_TRAINING_GROUPS + (NETWORK_FIELDS, DREAMBOOTH_FIELDS))
 
 LORA_ONLY_KEYS = tuple(k for k in NETWORK_FIELDS if k.startswith("network_"))
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
 
 
 # ------------------------------------------------------------------------------------------ the job

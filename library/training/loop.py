@@ -35,9 +35,6 @@ from library.training.state import Progress, load_state, restore_rng, save_state
 
 log = logging.getLogger("pentadactyl")
 
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
-
-
 class TrainingStopped(PentadactylError):
     """Training stopped early because the loss became NaN/inf (the last good state was saved)."""
 
@@ -314,12 +311,11 @@ def train(job: Job, method: Method) -> TrainResult:
         saved = False
         if step_done and job.save_every_n_steps and global_step % job.save_every_n_steps == 0:
             save_artifacts(f"-step{global_step:08d}")
-            _prune(output_dir, job.output_name, "-step", 8, job.save_last_n_steps, job.save_every_n_steps,
-                   method.artifact_suffix)
+            _prune(output_dir, job.output_name, "-step", 8, job.save_last_n_steps, method.artifact_suffix)
             saved = True
         if epoch_done and job.save_every_n_epochs and (epoch - 1) % job.save_every_n_epochs == 0:
             save_artifacts(f"-{epoch - 1:06d}")
-            _prune(output_dir, job.output_name, "-", 6, job.save_last_n_epochs, 1, method.artifact_suffix)
+            _prune(output_dir, job.output_name, "-", 6, job.save_last_n_epochs, method.artifact_suffix)
             saved = True
         if saved and job.save_state:
             result.state_dir = write_state()
@@ -458,8 +454,7 @@ def _ema_update(ema: dict[str, torch.Tensor], current: dict[str, torch.Tensor], 
         ema[key].mul_(decay).add_(value.detach().float(), alpha=1 - decay)
 
 
-def _prune(folder: Path, name: str, marker: str, width: int, keep: int | None, every: int | None,
-           suffix: str) -> None:
+def _prune(folder: Path, name: str, marker: str, width: int, keep: int | None, suffix: str) -> None:
     """Keep only the periodic files of the last `keep` steps/epochs (sd-scripts' save_last_n_*)."""
     if not keep:
         return

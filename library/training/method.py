@@ -25,6 +25,10 @@ class TrainContext:
     weight_dtype: torch.dtype  # dtype of frozen weights (fp32, or bf16/fp16 under mixed precision)
 
 
+# torch dtypes of the save_precision values ("float" is sd-scripts' name for fp32)
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
+
+
 class Method:
     """Base class; subclasses override what they need."""
 

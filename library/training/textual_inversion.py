@@ -410,7 +410,7 @@ class TextualInversionMethod(Method):
             self.vectors.copy_(value.to(self.vectors.device, torch.float32))
 
     def saved_vectors(self, save_precision: str = "float") -> torch.Tensor:
-        from library.training.loop import SAVE_DTYPES
+        from library.training.method import SAVE_DTYPES
 
         return self.vectors.detach().to("cpu", SAVE_DTYPES[save_precision]).contiguous()
 
