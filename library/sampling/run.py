@@ -65,7 +65,7 @@ def run_sample_job(job, progress: bool = True) -> SampleJobResult:
         log.info(f"embeddings: {', '.join(f'{e.name} ({e.num_vectors} vectors)' for e in embeddings)}")
     attach_networks(loaded, modes, model.unet, model.text_encoder)
     for network, mode in zip(loaded, modes):
-        log.info(f"network {network.path.name}: {mode}d at {format_number(network.multiplier)}")
+        log.info(f"network {network.path.name}: {'merged' if mode == 'merge' else 'patched'} at {format_number(network.multiplier)}")
 
     sampler = Sampler(
         model.unet, model.vae, model.text_encoder, model.tokenizer, clip_skip=job.clip_skip,
