@@ -5,7 +5,7 @@ VPY := $(VENV)/bin/python
 # The CPU build used when the venv has no torch yet; a CUDA torch already in the venv is kept.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: quickstart test install clean
+.PHONY: quickstart test install clean study study-quick
 
 install: $(VENV)/.installed
 
@@ -18,8 +18,14 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 quickstart: install
 	$(VPY) quickstart.py
 
+study: install
+	$(VPY) -m library.toy_hands.study --out toy_study
+
+study-quick: install
+	$(VPY) -m library.toy_hands.study --out toy_study_quick --quick
+
 test: install
 	$(VPY) -m pytest -q tests
 
 clean:
-	rm -rf quickstart/ .pytest_cache
+	rm -rf quickstart/ toy_study/ toy_study_quick/ .pytest_cache

@@ -13,6 +13,8 @@ Files:
     folder.py   examples by (seed, index), write_hand_folder (PNG + caption + manifest), read_manifest
     counter.py  count_fingers / analyse_hand: classical geometry, numpy + PIL only
     augment.py  blur, noise, colour shift, resampling, JPEG: what generated images suffer
+    pretrain.py the script that trained the shipped toy hand model (toy-hands-sd1.safetensors)
+    study.py    the hand study in miniature on that model; report.py its scores, table and plot
 
 Typical use:
 
@@ -21,6 +23,8 @@ Typical use:
     images = [...generated from "back of dark-skinned female left hand"...]
     share = sum(count_fingers(im) == 5 for im in images) / len(images)
 """
+
+from pathlib import Path
 
 from library.toy_hands.augment import degrade
 from library.toy_hands.counter import FingerCount, analyse_hand, count_fingers
@@ -31,8 +35,11 @@ from library.toy_hands.params import (
     sample_object_params, web_like_counts,
 )
 
+# The pretrained toy hand model (a single-file SD1-architecture checkpoint), made by pretrain.py.
+TOY_MODEL_PATH = Path(__file__).with_name("toy-hands-sd1.safetensors")
+
 __all__ = [
-    "BACKGROUNDS", "CLEAN_COUNTS", "MANIFEST", "OBJECT_KINDS", "SKIN_TONES", "FingerCount", "HandParams",
+    "BACKGROUNDS", "CLEAN_COUNTS", "MANIFEST", "OBJECT_KINDS", "SKIN_TONES", "TOY_MODEL_PATH", "FingerCount", "HandParams",
     "ObjectParams", "analyse_hand", "caption_for", "count_fingers", "degrade", "draw_hand", "draw_object",
     "hand_extent", "hand_geometry", "read_manifest", "render", "sample_example", "sample_hand_params",
     "sample_object_params", "web_like_counts", "write_hand_folder",
