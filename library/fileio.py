@@ -22,9 +22,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~umask())  # mkstemp makes 0600; give the file normal permissions
     try:
         yield tmp_path
+        # mkstemp makes 0600, and some writers (safetensors) replace the file: set normal permissions last
+        os.chmod(tmp_path, 0o666 & ~umask())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
