@@ -75,6 +75,19 @@ QUICK = Plan(eval_prompts=4, eval_seeds=6, object_prompts=2, object_seeds=3, cur
              checkpoint_every=12, sample_steps=12, batch=4, multipliers=(0.5,))
 
 
+# The LoRA rows: (key, label, network keys of the job, the job file's comment).
+_ATTENTION = {"network_args": ["preset=attention_qkvo"], "network_train_unet_only": True}
+NETWORK_ROWS: list[tuple[str, str, dict[str, Any], str]] = [
+    ("lora_attn_r4", "LoRA attention r4", {"network_dim": 4, "network_alpha": 4, **_ATTENTION},
+     "LoRA on the attention projections only (q, k, v, out), rank 4, on clean five-finger hands."),
+    ("lora_attn_r64", "LoRA attention r64", {"network_dim": 64, "network_alpha": 64, **_ATTENTION},
+     "LoRA on the attention projections only, rank 64, on clean five-finger hands."),
+    ("locon_conv_te", "LoCon conv + TE", {"network_dim": 16, "network_alpha": 16,
+                                          "network_args": ["conv_dim=8", "conv_alpha=8"], "text_encoder_lr": 5e-4},
+     "LoCon: attention, feed-forward and convolution layers of the U-Net plus the text encoder."),
+]
+
+
 # ------------------------------------------------------------------------------------------ helpers
 
 def toml_value(value: Any) -> str:
@@ -260,24 +273,10 @@ class Study:
         pool = self.write_generations()
         stage("base model and data", t0)
 
-        t0 = time.perf_counter()
-        self.network_row("lora_attn_r4", "LoRA attention r4", {
-            "network_dim": 4, "network_alpha": 4, "network_args": ["preset=attention_qkvo"],
-            "network_train_unet_only": True},
-            "LoRA on the attention projections only (q, k, v, out), rank 4, on clean five-finger hands.")
-        stage("LoRA r4", t0)
-        t0 = time.perf_counter()
-        self.network_row("lora_attn_r64", "LoRA attention r64", {
-            "network_dim": 64, "network_alpha": 64, "network_args": ["preset=attention_qkvo"],
-            "network_train_unet_only": True},
-            "LoRA on the attention projections only, rank 64, on clean five-finger hands.")
-        stage("LoRA r64", t0)
-        t0 = time.perf_counter()
-        self.network_row("locon_conv_te", "LoCon conv + TE", {
-            "network_dim": 16, "network_alpha": 16, "network_args": ["conv_dim=8", "conv_alpha=8"],
-            "text_encoder_lr": 5e-4},
-            "LoCon: attention, feed-forward and convolution layers of the U-Net plus the text encoder.")
-        stage("LoCon", t0)
+        for key, label, keys, comment in NETWORK_ROWS:
+            t0 = time.perf_counter()
+            self.network_row(key, label, keys, comment)
+            stage(label, t0)
 
         t0 = time.perf_counter()
         ti_keys = {"init_word": "hand", "learning_rate": 5e-3}
