@@ -50,14 +50,11 @@ def create_class_folder_for_folder_mode(argv: list[str]) -> None:
 def main(argv: list[str]):
     from library.config import load_job
     from library.training import dreambooth
-    from library.training.loop import train
+    from library.training.loop import run_training_job
 
     create_class_folder_for_folder_mode(argv)
     job = dreambooth.prepare_job(load_job("train_dreambooth", argv))
-    result = train(job, dreambooth.make_method(job))
-    if result.interrupted:
-        raise SystemExit(130)
-    return result
+    return run_training_job(job, dreambooth.make_method(job))
 
 
 if __name__ == "__main__":

@@ -11,14 +11,11 @@ from library.cli import run_main
 
 def main(argv: list[str]):
     from library.config import load_job
-    from library.training.loop import train
+    from library.training.loop import run_training_job
     from library.training.network_method import NetworkMethod
 
     job = load_job("train_network", argv)
-    result = train(job, NetworkMethod(job))
-    if result.interrupted:
-        raise SystemExit(130)
-    return result
+    return run_training_job(job, NetworkMethod(job))
 
 
 if __name__ == "__main__":

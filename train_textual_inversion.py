@@ -15,14 +15,11 @@ from library.cli import run_main
 
 def main(argv: list[str]):
     from library.config import load_job
-    from library.training.loop import train
+    from library.training.loop import run_training_job
     from library.training.textual_inversion import TextualInversionMethod  # also registers the job keys
 
     job = load_job("train_textual_inversion", argv)
-    result = train(job, TextualInversionMethod(job))
-    if result.interrupted:
-        raise SystemExit(130)
-    return result
+    return run_training_job(job, TextualInversionMethod(job))
 
 
 if __name__ == "__main__":

@@ -485,3 +485,12 @@ def _in_training_sampler(job: Job, model, device, method: Method):
 
     return make_training_sampler(job, model, device, eval_modules=method.modules(),
                                  trains_network=method.saves_network)
+
+
+def run_training_job(job: Job, method: Method) -> TrainResult:
+    """What every training script does with its job: train, and exit with 130 when interrupted (the state
+    and weights were saved, so the run resumes)."""
+    result = train(job, method)
+    if result.interrupted:
+        raise SystemExit(130)
+    return result
