@@ -156,7 +156,9 @@ def train(job: Job, method: Method) -> TrainResult:
     if job.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         if method.trains_text_encoder:
-            model.text_encoder.gradient_checkpointing_enable()
+            # transformers 5.x renamed it (the old name warns); older releases only have the old one
+            enable = getattr(model.text_encoder, "activation_checkpointing_enable", None)
+            (enable or model.text_encoder.gradient_checkpointing_enable)()
     if is_main:
         log.info(f"training {method.summary()}; attention {attention}; precision {job.mixed_precision}; "
                  f"{world} process(es) on {device.type}")
