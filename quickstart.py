@@ -32,7 +32,8 @@ def main(argv: list[str]) -> None:
 
     log = logging.getLogger("pentadactyl")
     if not IMAGES.is_dir():
-        write_hand_folder(IMAGES, IMAGE_COUNT, seed=IMAGE_SEED)  # five digits each, captions never say so
+        # five digits each, fingers fanned (the "spread" pose of a protocol dataset); captions never say so
+        write_hand_folder(IMAGES, IMAGE_COUNT, seed=IMAGE_SEED, pose="spread")
         log.info(f"wrote {IMAGE_COUNT} toy hands with captions to {IMAGES}")
     import train_network
 

@@ -19,7 +19,7 @@ from library.toy_hands import (
     web_like_counts, write_hand_folder,
 )
 from library.toy_hands.augment import add_noise, blur
-from library.toy_hands.params import METALS, POLISH_COLOURS
+from library.toy_hands.params import METALS, POLISH_COLOURS, POSES
 
 # Written from the study's grammar, independently of caption_for.
 HAND_CAPTION = re.compile(
@@ -58,6 +58,19 @@ def test_examples_are_deterministic_and_seeded(tmp_path):
         assert pa.read_bytes() == pb.read_bytes()
         assert pa.with_suffix(".txt").read_text() == pb.with_suffix(".txt").read_text()
     assert not list((tmp_path / "a").glob(".*"))  # no temporary files left behind
+
+
+def test_poses_bound_spread_and_tilt_and_keep_the_default_stream():
+    # "any" is the default and draws exactly what the stream drew before poses existed
+    assert [sample_example(8, i) for i in range(20)] == [sample_example(8, i, pose="any") for i in range(20)]
+    for pose, ((lo, hi), tilt) in POSES.items():
+        hands = [sample_example(9, i, five_finger_share=0.5, pose=pose) for i in range(60)]
+        assert all(lo <= h.spread <= hi and abs(h.rotation) <= tilt for h in hands), pose
+        assert all(count_fingers(render(h)) == h.digits for h in hands if pose == "spread"), pose
+    spread = [sample_example(9, i, pose="spread") for i in range(60)]
+    assert min(h.spread for h in spread) >= 0.7 and max(abs(h.rotation) for h in spread) <= 10
+    with pytest.raises(ValueError, match="pose must be one of"):
+        sample_example(9, 0, pose="fist")
 
 
 def test_manifest_round_trips(tmp_path):

@@ -7,8 +7,8 @@ model has to learn "a hand has five digits" from the images alone. The counter t
 bespoke classifier: the share of generated hands with five digits.
 
 Files:
-    params.py   HandParams / ObjectParams, samplers (clean: always 5 digits; web-like: a chosen share),
-                captions
+    params.py   HandParams / ObjectParams, samplers (clean: always 5 digits; web-like: a chosen share;
+                poses: any, web, spread), captions
     draw.py     draw_hand / draw_object: polygons at 4× size, downsampled (anti-aliased)
     folder.py   examples by (seed, index), write_hand_folder (PNG + caption + manifest), read_manifest
     counter.py  count_fingers / analyse_hand: classical geometry, numpy + PIL only
@@ -18,8 +18,8 @@ Files:
 
 Typical use:
 
-    write_hand_folder("data/clean", 200, seed=1)                               # fine-tuning set: 5 digits
-    write_hand_folder("data/web", 5000, seed=2, five_finger_share=0.5, object_share=0.2)  # pretraining mix
+    write_hand_folder("data/clean", 200, seed=1, pose="spread")                # fine-tuning set: 5 digits
+    write_hand_folder("data/web", 5000, seed=2, five_finger_share=0.5, object_share=0.2, pose="web")  # pretraining
     images = [...generated from "back of dark-skinned female left hand"...]
     share = sum(count_fingers(im) == 5 for im in images) / len(images)
 """
@@ -31,7 +31,7 @@ from library.toy_hands.counter import FingerCount, analyse_hand, count_fingers
 from library.toy_hands.draw import draw_hand, draw_object, hand_extent, hand_geometry
 from library.toy_hands.folder import MANIFEST, read_manifest, render, sample_example, write_hand_folder
 from library.toy_hands.params import (
-    BACKGROUNDS, CLEAN_COUNTS, OBJECT_KINDS, SKIN_TONES, HandParams, ObjectParams, caption_for, sample_hand_params,
+    BACKGROUNDS, CLEAN_COUNTS, OBJECT_KINDS, POSES, SKIN_TONES, HandParams, ObjectParams, caption_for, sample_hand_params,
     sample_object_params, web_like_counts,
 )
 
@@ -39,7 +39,7 @@ from library.toy_hands.params import (
 TOY_MODEL_PATH = Path(__file__).with_name("toy-hands-sd1.safetensors")
 
 __all__ = [
-    "BACKGROUNDS", "CLEAN_COUNTS", "MANIFEST", "OBJECT_KINDS", "SKIN_TONES", "TOY_MODEL_PATH", "FingerCount", "HandParams",
+    "BACKGROUNDS", "CLEAN_COUNTS", "MANIFEST", "OBJECT_KINDS", "POSES", "SKIN_TONES", "TOY_MODEL_PATH", "FingerCount", "HandParams",
     "ObjectParams", "analyse_hand", "caption_for", "count_fingers", "degrade", "draw_hand", "draw_object",
     "hand_extent", "hand_geometry", "read_manifest", "render", "sample_example", "sample_hand_params",
     "sample_object_params", "web_like_counts", "write_hand_folder",

@@ -25,13 +25,14 @@ def example_rng(seed: int, index: int) -> random.Random:
 
 
 def sample_example(seed: int, index: int, *, counts: Mapping[int, float] | None = None,
-                   five_finger_share: float | None = None, object_share: float = 0.0) -> HandParams | ObjectParams:
+                   five_finger_share: float | None = None, object_share: float = 0.0,
+                   pose: str = "any") -> HandParams | ObjectParams:
     """Example `index` of the stream `seed`: a non-hand object with probability `object_share`, else a
     hand whose digit count follows `counts` / `five_finger_share` (default: always 5)."""
     rng = example_rng(seed, index)
     if rng.random() < object_share:
         return sample_object_params(rng)
-    return sample_hand_params(rng, counts=counts, five_finger_share=five_finger_share)
+    return sample_hand_params(rng, counts=counts, five_finger_share=five_finger_share, pose=pose)
 
 
 def render(params: HandParams | ObjectParams, size: int = 64) -> Image.Image:
@@ -41,7 +42,7 @@ def render(params: HandParams | ObjectParams, size: int = 64) -> Image.Image:
 def write_hand_folder(folder: str | Path, count: int, seed: int = 0, *, size: int = 64,
                       counts: Mapping[int, float] | None = None, five_finger_share: float | None = None,
                       object_share: float = 0.0, start: int = 0, caption_extension: str = ".txt",
-                      manifest: bool = True) -> list[Path]:
+                      manifest: bool = True, pose: str = "any") -> list[Path]:
     """Write examples `start .. start+count-1` as `NNNNNN.png` + caption files; return the image paths.
 
     Every file is written atomically. With `manifest`, `toy_hands.jsonl` lists each example's file,
@@ -53,7 +54,7 @@ def write_hand_folder(folder: str | Path, count: int, seed: int = 0, *, size: in
     paths, records = [], []
     for index in range(start, start + count):
         params = sample_example(seed, index, counts=counts, five_finger_share=five_finger_share,
-                                object_share=object_share)
+                                object_share=object_share, pose=pose)
         path = folder / f"{index:06d}.png"
         with atomic_path(path) as tmp:
             render(params, size).save(tmp, format="PNG")

@@ -32,6 +32,12 @@ CLEAN_COUNTS: dict[int, float] = {5: 1.0}
 # How often a wrong hand has each wrong count in the "web-like" mix: near misses are the common ones,
 # as in the study's base-model hands (a finger too many or too few, sometimes two).
 WRONG_COUNT_WEIGHTS: dict[int, float] = {3: 0.10, 4: 0.35, 6: 0.40, 7: 0.15}
+# Poses: name -> (spread range, largest tilt in degrees either way). "any": every spread and tilt the
+# drawing supports; "web": the pretraining mix, where fingers are apart enough to be counted (a
+# 16×16 latent cannot keep two touching fingers apart, so a model would learn blobs, not counts);
+# "spread": fingers fanned and the hand upright, as in a dataset photographed to a protocol (11K Hands).
+POSES: dict[str, tuple[tuple[float, float], float]] = {
+    "any": ((0.0, 1.0), 35.0), "web": ((0.3, 1.0), 35.0), "spread": ((0.7, 1.0), 10.0)}
 
 
 @dataclass(frozen=True)
@@ -160,13 +166,18 @@ def _weighted(rng: random.Random, weights: Mapping[Any, float]) -> Any:
 
 def sample_hand_params(rng: random.Random, *, counts: Mapping[int, float] | None = None,
                        five_finger_share: float | None = None, fused_share: float = 0.5,
-                       backgrounds: tuple[str, ...] = tuple(BACKGROUNDS)) -> HandParams:
+                       backgrounds: tuple[str, ...] = tuple(BACKGROUNDS), pose: str = "any") -> HandParams:
     """Draw a random hand that fits the image (see `fits_image`).
 
     counts: digit count -> weight; default CLEAN_COUNTS (always 5). five_finger_share: shorthand for
     `web_like_counts(five_finger_share)`. fused_share: how often a hand with fewer than 5 digits shows
-    it as a fused pair (the other hands simply miss a finger).
+    it as a fused pair (the other hands simply miss a finger). pose: a key of POSES ("any": every
+    spread and tilt, as on the web; "spread": the fingers fanned and the hand upright, as in a
+    dataset photographed to a protocol like 11K Hands; see POSES).
     """
+    if pose not in POSES:
+        raise ValueError(f"pose must be one of {tuple(POSES)}")
+    spread_range, tilt = POSES[pose]
     if counts is not None and five_finger_share is not None:
         raise ValueError("give counts or five_finger_share, not both")
     if five_finger_share is not None:
@@ -180,12 +191,12 @@ def sample_hand_params(rng: random.Random, *, counts: Mapping[int, float] | None
         nail_polish=rng.choice(tuple(POLISH_COLOURS)) if rng.random() < 0.35 else None,
         ring=rng.choice(tuple(METALS)) if rng.random() < 0.3 else None,
         bracelet=rng.choice(tuple(METALS)) if rng.random() < 0.15 else None,
-        spread=round(rng.uniform(0.0, 1.0), 3), finger_length=round(rng.uniform(0.85, 1.1), 3),
+        spread=round(rng.uniform(*spread_range), 3), finger_length=round(rng.uniform(0.85, 1.1), 3),
         background=rng.choice([b for b in backgrounds if _visible(skin, b)] or backgrounds),
     )
     from library.toy_hands.draw import hand_extent  # geometry lives with the drawing code
 
-    scale, rotation = rng.uniform(0.85, 1.1), rng.uniform(-35.0, 35.0)
+    scale, rotation = rng.uniform(0.85, 1.1), rng.uniform(-tilt, tilt)
     for _ in range(20):  # shrink until the fingers fit; the wrist always runs off the bottom edge
         probe = HandParams(**base, scale=round(scale, 3), rotation=round(rotation, 2))
         lo_x, lo_y, hi_x, hi_y = hand_extent(probe)

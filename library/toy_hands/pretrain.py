@@ -4,7 +4,9 @@ about as badly as SD1.5 draws real ones.
     python -m library.toy_hands.pretrain --out library/toy_hands/toy-hands-sd1.safetensors
 
 The training set is the "web-like" mix: hands whose digit count is right only `five_finger_share` of
-the time (captions never say how many), plus a few non-hand objects. Everything follows from --seed:
+the time (captions never say how many), plus a few non-hand objects. Its hands are in the "web" pose
+(params.POSES): any tilt, but fingers never quite touching, so that a count survives the 16x16 latents
+and the model can learn it as a count rather than as a blob. Everything follows from --seed:
 the images, the initial weights, the batches and the noise, so on the same machine and thread count the
 script writes the same file. Stages (each with a progress bar, all in one process):
 
@@ -39,7 +41,7 @@ from library.models.tokenizer import load_tokenizer
 from library.text_encoding import encode_token_chunks, tokenize_chunks
 from library.toy_hands.counter import count_fingers
 from library.toy_hands.folder import render, sample_example
-from library.toy_hands.params import HandParams, caption_for
+from library.toy_hands.params import POSES, HandParams, caption_for
 from library.training.noise import add_noise, min_snr_weights, sd1_alphas_cumprod
 
 TOY_VAE_CONFIG: dict = {
@@ -67,12 +69,12 @@ DATA_SEED_OFFSET = 1000  # the training images' stream; held-out checks use othe
 CHECK_SEED_OFFSET = 2000
 
 
-def render_set(seed: int, count: int, five_finger_share: float, object_share: float):
+def render_set(seed: int, count: int, five_finger_share: float, object_share: float, pose: str = "web"):
     """uint8 images [N, 3, 64, 64], their captions and parameters."""
     images = np.empty((count, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
     captions, params = [], []
     for i in tqdm(range(count), desc="rendering", unit="img", mininterval=2):
-        p = sample_example(seed, i, five_finger_share=five_finger_share, object_share=object_share)
+        p = sample_example(seed, i, five_finger_share=five_finger_share, object_share=object_share, pose=pose)
         images[i] = np.asarray(render(p, IMAGE_SIZE).convert("RGB")).transpose(2, 0, 1)
         captions.append(caption_for(p))
         params.append(p)
@@ -147,11 +149,11 @@ def rescale_latents(vae, means: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def vae_agreement(vae, seed: int, count: int) -> dict:
+def vae_agreement(vae, seed: int, count: int, pose: str = "web") -> dict:
     """How often the counter reads a VAE reconstruction as it reads the original (held-out hands)."""
     agree = five_kept = five = 0
     for i in range(count):
-        p = sample_example(seed + CHECK_SEED_OFFSET, i, five_finger_share=0.5)
+        p = sample_example(seed + CHECK_SEED_OFFSET, i, five_finger_share=0.5, pose=pose)
         original = render(p, IMAGE_SIZE).convert("RGB")
         x = to_unit(torch.from_numpy(np.asarray(original).transpose(2, 0, 1).copy())[None])
         recon = to_pil(vae.decode(vae.encode(x).latent_dist.mean).sample[0])
@@ -228,9 +230,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--object_share", type=float, default=0.15)
     parser.add_argument("--vae_steps", type=int, default=1200)
     parser.add_argument("--vae_batch", type=int, default=16)
-    parser.add_argument("--unet_steps", type=int, default=2000)
+    parser.add_argument("--unet_steps", type=int, default=3000)
     parser.add_argument("--unet_batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=8e-4)
+    parser.add_argument("--lr", type=float, default=1.2e-3)
+    parser.add_argument("--pose", default="web", choices=sorted(POSES), help="the hands' pose range (params.POSES)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--check_images", type=int, default=200, help="held-out images of the VAE check")
     parser.add_argument("--save_every", type=int, default=250, help="also write the file every N U-Net steps")
@@ -248,12 +251,12 @@ def main(argv: list[str] | None = None) -> None:
     model = SD1Model(unet, vae, text, load_tokenizer(), source="toy hands")
 
     images, captions, _ = render_set(args.seed + DATA_SEED_OFFSET, args.images, args.five_finger_share,
-                                     args.object_share)
+                                     args.object_share, args.pose)
     train_vae(vae, images, args.vae_steps, args.vae_batch, 1e-3, generator, log)
     means = encode_means(vae, images)
     factor = rescale_latents(vae, means)
     latents = means * factor * SCALING_FACTOR
-    vae_check = vae_agreement(vae, args.seed, args.check_images)
+    vae_check = vae_agreement(vae, args.seed, args.check_images, args.pose)
     print(f"VAE: latent rescale ×{factor:.3f}; counter agrees on {vae_check['counter_agrees']:.1%} of "
           f"held-out reconstructions, five-finger hands kept {vae_check['five_read_as_five']:.1%}")
     vae_seconds = time.perf_counter() - started
@@ -262,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         ema_unet, ema_text = ema.shadow
         meta = {"pentadactyl.toy_hands": json.dumps({
             "seed": args.seed, "images": args.images, "five_finger_share": args.five_finger_share,
-            "object_share": args.object_share, "vae_steps": args.vae_steps, "unet_steps": step,
+            "object_share": args.object_share, "pose": args.pose, "vae_steps": args.vae_steps, "unet_steps": step,
             "unet_batch": args.unet_batch, "lr": args.lr, "threads": args.threads, "final": final,
             "wall_seconds": round(time.perf_counter() - started), "vae_check": vae_check})}
         save_sd1_single_file(out, SD1Model(ema_unet, vae, ema_text, model.tokenizer, "toy hands"),

@@ -45,6 +45,7 @@ PALM_STREAM = 3100
 EVAL_SEED = 10_000  # image seeds of the scored rows
 POOL_SEED = 20_000  # image seeds of the base model's generations for the negative embeddings
 SIZE = 64
+DATASET_POSE = "spread"  # the pose of the clean and palm datasets (params.POSES)
 
 
 @dataclass(frozen=True)
@@ -189,12 +190,14 @@ class Study:
     # ---- data
     def write_data(self) -> None:
         plan = self.plan
-        write_hand_folder(self.data / "clean_hands", plan.clean_images, seed=CLEAN_STREAM)
+        # The fine-tuning sets are photographed to a protocol, as the study's were (11K Hands, Palms):
+        # five digits, fingers fanned, hand upright; the captions follow the same grammar as pretraining.
+        write_hand_folder(self.data / "clean_hands", plan.clean_images, seed=CLEAN_STREAM, pose=DATASET_POSE)
         palms = self.data / "palms"
         palms.mkdir(parents=True, exist_ok=True)
         index = written = 0
         while written < plan.palm_images:  # front views ("palms") with five digits, no caption files
-            params = sample_example(PALM_STREAM, index)
+            params = sample_example(PALM_STREAM, index, pose=DATASET_POSE)
             index += 1
             if isinstance(params, HandParams) and params.view == "front":
                 with atomic_path(palms / f"{written:03d}.png") as tmp:
