@@ -2,7 +2,8 @@
 
     python quickstart.py        (or: make quickstart)
 
-1. writes 64 clean five-finger toy hands with captions to quickstart/images/hands/;
+1. writes 64 clean five-finger toy hands (fingers fanned: the "spread" pose) with captions to
+   quickstart/images/hands/;
 2. trains dataset_configs/quickstart.toml (a LoRA on the shipped toy hand model);
 3. runs dataset_configs/sample_quickstart.toml: the same prompts and seeds without and with the LoRA,
    a grid of both, and the finger counter's verdict on each column.

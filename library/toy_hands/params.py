@@ -171,9 +171,8 @@ def sample_hand_params(rng: random.Random, *, counts: Mapping[int, float] | None
 
     counts: digit count -> weight; default CLEAN_COUNTS (always 5). five_finger_share: shorthand for
     `web_like_counts(five_finger_share)`. fused_share: how often a hand with fewer than 5 digits shows
-    it as a fused pair (the other hands simply miss a finger). pose: a key of POSES ("any": every
-    spread and tilt, as on the web; "spread": the fingers fanned and the hand upright, as in a
-    dataset photographed to a protocol like 11K Hands; see POSES).
+    it as a fused pair (the other hands simply miss a finger). pose: a key of POSES, which bounds
+    the fingers' spread and the hand's tilt.
     """
     if pose not in POSES:
         raise ValueError(f"pose must be one of {tuple(POSES)}")

@@ -67,9 +67,10 @@ SCALING_FACTOR = arch.SD15_VAE_CONFIG["scaling_factor"]
 IMAGE_SIZE = 64
 DATA_SEED_OFFSET = 1000  # the training images' stream; held-out checks use other streams
 CHECK_SEED_OFFSET = 2000
+POSE = "web"  # the pretraining images' pose (params.POSES)
 
 
-def render_set(seed: int, count: int, five_finger_share: float, object_share: float, pose: str = "web"):
+def render_set(seed: int, count: int, five_finger_share: float, object_share: float, pose: str = POSE):
     """uint8 images [N, 3, 64, 64], their captions and parameters."""
     images = np.empty((count, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
     captions, params = [], []
@@ -149,7 +150,7 @@ def rescale_latents(vae, means: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def vae_agreement(vae, seed: int, count: int, pose: str = "web") -> dict:
+def vae_agreement(vae, seed: int, count: int, pose: str = POSE) -> dict:
     """How often the counter reads a VAE reconstruction as it reads the original (held-out hands)."""
     agree = five_kept = five = 0
     for i in range(count):
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unet_steps", type=int, default=3000)
     parser.add_argument("--unet_batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1.2e-3)
-    parser.add_argument("--pose", default="web", choices=sorted(POSES), help="the hands' pose range (params.POSES)")
+    parser.add_argument("--pose", default=POSE, choices=sorted(POSES), help="the hands' pose range (params.POSES)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--check_images", type=int, default=200, help="held-out images of the VAE check")
     parser.add_argument("--save_every", type=int, default=250, help="also write the file every N U-Net steps")
