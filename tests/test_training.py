@@ -119,7 +119,8 @@ def test_fp16_on_cpu_is_refused(tmp_path, tiny_single_file, shapes_dir):
 
 def test_sigint_saves_state_and_weights_then_resume_matches(tmp_path, tiny_single_file, shapes_dir):
     job = write_job(tmp_path, tiny_single_file, shapes_dir, max_train_steps=400)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # one thread, as in this process: the reference below must add up its sums in the same order
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, str(REPO / "train_network.py"), "--config", str(job)], cwd=REPO,
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
     seen = b""
