@@ -2,7 +2,7 @@
 
     python quickstart.py        (or: make quickstart)
 
-1. writes 64 clean five-finger toy hands (fingers fanned: the "spread" pose) with captions to
+1. writes 200 clean five-finger toy hands (fingers fanned: the "spread" pose) with captions to
    quickstart/images/hands/;
 2. trains dataset_configs/quickstart.toml (a LoRA on the shipped toy hand model);
 3. runs dataset_configs/sample_quickstart.toml: the same prompts and seeds without and with the LoRA,
@@ -20,7 +20,7 @@ from library.cli import run_main
 JOB = Path("dataset_configs") / "quickstart.toml"
 SAMPLE_JOB = Path("dataset_configs") / "sample_quickstart.toml"
 IMAGES = Path("quickstart") / "images" / "hands"
-IMAGE_COUNT = 64
+IMAGE_COUNT = 200
 IMAGE_SEED = 0
 
 

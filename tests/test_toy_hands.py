@@ -90,6 +90,11 @@ def test_digit_count_distributions():
     assert 0.42 < sum(p.digits == 5 for p in web) / len(web) < 0.58
     assert {p.digits for p in web} == {3, 4, 5, 6, 7} and any(p.fused for p in web)
     assert abs(sum(web_like_counts(0.3).values()) - 1) < 1e-9
+    extra = web_like_counts(0.05, "extra")
+    assert abs(sum(extra.values()) - 1) < 1e-9 and extra[5] == 0.05
+    assert extra[6] + extra[7] > 0.9  # mostly extra fingers
+    with pytest.raises(ValueError, match="wrong must be one of"):
+        web_like_counts(0.5, "many")
     with pytest.raises(ValueError):
         sample_hand_params(rng, counts={5: 1.0}, five_finger_share=0.5)
 

@@ -46,13 +46,39 @@ def test_pretrain_script_writes_a_loadable_sd1_file(tmp_path):
     log = json.loads(out.with_suffix(".log.json").read_text())
     assert [e["stage"] for e in log["log"]].count("unet") >= 1
 
+    # a second stage continues from that file on another mix: the VAE stays, the U-Net moves
+    second = tmp_path / "toy2.safetensors"
+    pretrain.main(["--out", str(second), "--init", str(out), "--seed", "1", "--images", "32",
+                   "--five_finger_share", "0.2", "--wrong_counts", "extra", "--unet_steps", "2",
+                   "--unet_batch", "4", "--save_every", "0", "--threads", "1"])
+    a, b = load_sd1(out), load_sd1(second)
+    for key, value in a.vae.state_dict().items():
+        assert torch.equal(value, b.vae.state_dict()[key]), key
+    assert any(not torch.equal(v, b.unet.state_dict()[k]) for k, v in a.unet.state_dict().items())
+    with safe_open(str(second), "pt") as f:
+        meta2 = json.loads(f.metadata()["pentadactyl.toy_hands"])
+    assert meta2["init"]["file"] == out.name and meta2["init"]["unet_steps"] == 3 and meta2["vae_steps"] == 0
+    assert meta2["wrong_counts"] == "extra" and meta2["vae_check"] == meta["vae_check"]
+    log2 = json.loads(second.with_suffix(".log.json").read_text())
+    assert log2["init_log"] == log  # the whole history in one file
+
+
+def test_pretrain_init_must_be_a_toy_model(tmp_path, tiny_single_file):
+    from library.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="no 'pentadactyl.toy_hands' record"):
+        pretrain.main(["--out", str(tmp_path / "x.safetensors"), "--init", str(tiny_single_file),
+                       "--images", "8", "--unet_steps", "1", "--unet_batch", "2", "--threads", "1"])
+    assert not (tmp_path / "x.safetensors").exists()
+
 
 @pytest.mark.skipif(not TOY_MODEL_PATH.is_file(), reason="the toy hand model is not in this checkout")
 def test_shipped_toy_model_is_sd1_layout_and_draws_hands():
     with safe_open(str(TOY_MODEL_PATH), "pt") as f:
         keys = set(f.keys())
         meta = json.loads(f.metadata()["pentadactyl.toy_hands"])
-    assert meta["final"] is True and meta["seed"] == 0 and meta["wall_seconds"] > 0
+    assert meta["final"] is True and meta["wall_seconds"] > 0
+    assert meta["init"]["final"] is True and meta["init"]["seed"] == 0  # the second of two runs (see pretrain)
     assert TOY_MODEL_PATH.stat().st_size < 16e6
     assert arch.detect_family(list(keys), None) == "SD1.x"
     model = load_sd1(TOY_MODEL_PATH)
@@ -70,6 +96,6 @@ def test_shipped_toy_model_is_sd1_layout_and_draws_hands():
     with torch.no_grad():
         images = sampler.generate(spec, seeds=list(range(12)), batch_size=12)
     counts = [count_fingers(im.image) for im in images]
-    # a hand in most images, and not always a right one: the toy analogue of SD1.5's hands
+    # a hand in most images, mostly a wrong one: the toy analogue of SD1.5's hands
     assert sum(c > 0 for c in counts) >= 9, counts
-    assert 0 < sum(c == 5 for c in counts) < 12, counts
+    assert sum(c == 5 for c in counts) <= 6, counts

@@ -29,9 +29,13 @@ VIEWS = ("front", "back")  # front = the palm faces the viewer (the study's "pal
 
 MAX_DIGITS = 7
 CLEAN_COUNTS: dict[int, float] = {5: 1.0}
-# How often a wrong hand has each wrong count in the "web-like" mix: near misses are the common ones,
-# as in the study's base-model hands (a finger too many or too few, sometimes two).
-WRONG_COUNT_WEIGHTS: dict[int, float] = {3: 0.10, 4: 0.35, 6: 0.40, 7: 0.15}
+# How often a wrong hand has each wrong count in a "web-like" mix. "near": near misses either way (a
+# finger too many or too few, sometimes two). "extra": mostly extra fingers, SD1.5's six- and
+# seven-fingered hands (the second pretraining run of the toy model uses it).
+WRONG_COUNTS: dict[str, dict[int, float]] = {
+    "near": {3: 0.10, 4: 0.35, 6: 0.40, 7: 0.15},
+    "extra": {4: 0.05, 6: 0.35, 7: 0.60},
+}
 # Poses: name -> (spread range, largest tilt in degrees either way). "any": every spread and tilt the
 # drawing supports; "web": the pretraining mix, where fingers are apart enough to be counted (a
 # 16×16 latent cannot keep two touching fingers apart, so a model would learn blobs, not counts);
@@ -150,11 +154,14 @@ def params_from_dict(d: Mapping[str, Any]) -> HandParams | ObjectParams:
 
 # ---- sampling ----------------------------------------------------------------------------------------
 
-def web_like_counts(five_finger_share: float) -> dict[int, float]:
-    """A digit-count distribution where only `five_finger_share` of hands are well formed."""
+def web_like_counts(five_finger_share: float, wrong: str = "near") -> dict[int, float]:
+    """A digit-count distribution where only `five_finger_share` of hands are well formed and the rest
+    follow the WRONG_COUNTS mix `wrong`."""
     if not 0.0 <= five_finger_share <= 1.0:
         raise ValueError("five_finger_share must be in [0, 1]")
-    counts = {k: (1.0 - five_finger_share) * w for k, w in WRONG_COUNT_WEIGHTS.items()}
+    if wrong not in WRONG_COUNTS:
+        raise ValueError(f"wrong must be one of {tuple(WRONG_COUNTS)}")
+    counts = {k: (1.0 - five_finger_share) * w for k, w in WRONG_COUNTS[wrong].items()}
     counts[5] = five_finger_share
     return {k: v for k, v in sorted(counts.items()) if v > 0}
 

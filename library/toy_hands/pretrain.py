@@ -1,10 +1,17 @@
 """Pretrain the toy hand model: a small SD1-architecture VAE, text encoder and U-Net that draw toy hands
-about as badly as SD1.5 draws real ones.
+about as badly as SD1.5 draws real ones. The shipped model is two runs of this script:
 
-    python -m library.toy_hands.pretrain --out library/toy_hands/toy-hands-sd1.safetensors
+    python -m library.toy_hands.pretrain --out toy-stage1.safetensors
+    python -m library.toy_hands.pretrain --init toy-stage1.safetensors --seed 1 --images 8000 \
+        --five_finger_share 0.05 --wrong_counts extra --unet_steps 1200 --unet_batch 32 --lr 4e-4 \
+        --save_every 0 --out library/toy_hands/toy-hands-sd1.safetensors
 
-The training set is the "web-like" mix: hands whose digit count is right only `five_finger_share` of
-the time (captions never say how many), plus a few non-hand objects. Its hands are in the "web" pose
+The first learns to draw hands (and its VAE) from a mix where half the hands have five digits; the
+second, like a later crawl of worse pictures, leaves the VAE alone and tunes the U-Net and text encoder on
+a mix where most hands have six or seven digits, so that the base model gets hands wrong most of the
+time, as SD1.5 does. Each run's training set is a "web-like" mix: hands whose digit count is right only
+`five_finger_share` of the time, the others going wrong as `--wrong_counts` says (captions never say how
+many), plus a few non-hand objects. Its hands are in the "web" pose
 (params.POSES): any tilt, but fingers never quite touching, so that a count survives the 16x16 latents
 and the model can learn it as a count rather than as a blob. Everything follows from --seed:
 the images, the initial weights, the batches and the noise, so on the same machine and thread count the
@@ -17,8 +24,11 @@ script writes the same file. Stages (each with a progress bar, all in one proces
 3. U-Net and text encoder together, on SD1's ε-prediction objective with min-SNR-5 weighting and 10 %
    empty captions (for classifier-free guidance), with an EMA of the weights, which is what is saved.
 
-The file is a single-file LDM checkpoint in fp16, loadable by library.models.loading.load_sd1 like
-any SD1.5 file. Its metadata records the seed, the steps and the wall time.
+With --init, the VAE stage is skipped (the given model's VAE is kept exactly, and encodes the latents)
+and stage 3 starts from its U-Net and text encoder. The file is a single-file LDM checkpoint in fp16,
+loadable by library.models.loading.load_sd1 like any SD1.5 file. Its metadata records the seed, the
+steps and the wall time (and, after --init, the first run's record); the .log.json beside it holds
+every logged step of both runs.
 """
 
 from __future__ import annotations
@@ -33,15 +43,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from tqdm import tqdm
 
 from library.models import architecture as arch
-from library.models.loading import SD1Model, save_sd1_single_file
+from library.errors import ModelLoadError
+from library.models.loading import SD1Model, load_sd1, save_sd1_single_file
 from library.models.tokenizer import load_tokenizer
 from library.text_encoding import encode_token_chunks, tokenize_chunks
 from library.toy_hands.counter import count_fingers
 from library.toy_hands.folder import render, sample_example
-from library.toy_hands.params import POSES, HandParams, caption_for
+from library.toy_hands.params import POSES, WRONG_COUNTS, HandParams, caption_for, web_like_counts
 from library.training.noise import add_noise, min_snr_weights, sd1_alphas_cumprod
 
 TOY_VAE_CONFIG: dict = {
@@ -70,12 +82,14 @@ CHECK_SEED_OFFSET = 2000
 POSE = "web"  # the pretraining images' pose (params.POSES)
 
 
-def render_set(seed: int, count: int, five_finger_share: float, object_share: float, pose: str = POSE):
+def render_set(seed: int, count: int, five_finger_share: float, object_share: float, pose: str = POSE,
+               wrong: str = "near"):
     """uint8 images [N, 3, 64, 64], their captions and parameters."""
     images = np.empty((count, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
     captions, params = [], []
+    counts = web_like_counts(five_finger_share, wrong)
     for i in tqdm(range(count), desc="rendering", unit="img", mininterval=2):
-        p = sample_example(seed, i, five_finger_share=five_finger_share, object_share=object_share, pose=pose)
+        p = sample_example(seed, i, counts=counts, object_share=object_share, pose=pose)
         images[i] = np.asarray(render(p, IMAGE_SIZE).convert("RGB")).transpose(2, 0, 1)
         captions.append(caption_for(p))
         params.append(p)
@@ -222,12 +236,32 @@ def train_unet(model: SD1Model, latents: torch.Tensor, captions: list[str], step
     return ema
 
 
+def load_init(path: Path) -> tuple[SD1Model, dict]:
+    """A toy model this script wrote, ready to train on (VAE frozen), and its pretraining record."""
+    model = load_sd1(path)
+    with safe_open(str(path), "pt") as f:
+        record = (f.metadata() or {}).get("pentadactyl.toy_hands")
+    if record is None:
+        raise ModelLoadError(f"{path}: --init takes a toy hand model written by this script (its metadata has "
+                             "no 'pentadactyl.toy_hands' record); pretrain one first without --init")
+    model.vae.eval().requires_grad_(False)
+    model.unet.requires_grad_(True)
+    model.text_encoder.requires_grad_(True)
+    init = json.loads(record)
+    init["file"] = path.name
+    return model, init
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Pretrain the toy hand model (see the module docstring).")
     parser.add_argument("--out", default="library/toy_hands/toy-hands-sd1.safetensors")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--images", type=int, default=24000)
     parser.add_argument("--five_finger_share", type=float, default=0.5)
+    parser.add_argument("--wrong_counts", default="near", choices=sorted(WRONG_COUNTS),
+                        help="how the other hands go wrong (params.WRONG_COUNTS)")
+    parser.add_argument("--init", help="continue from this toy model (a file this script wrote): its VAE is kept "
+                        "as it is and its U-Net and text encoder train on this run's images")
     parser.add_argument("--object_share", type=float, default=0.15)
     parser.add_argument("--vae_steps", type=int, default=1200)
     parser.add_argument("--vae_batch", type=int, default=16)
@@ -246,29 +280,35 @@ def main(argv: list[str] | None = None) -> None:
     log: list[dict] = []
     generator = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
-    vae = arch.build_vae(TOY_VAE_CONFIG)
-    unet = arch.build_unet(TOY_UNET_CONFIG)
-    text = arch.build_text_encoder(TOY_TEXT_CONFIG)
-    model = SD1Model(unet, vae, text, load_tokenizer(), source="toy hands")
-
+    model, init = load_init(Path(args.init)) if args.init else (None, None)
     images, captions, _ = render_set(args.seed + DATA_SEED_OFFSET, args.images, args.five_finger_share,
-                                     args.object_share, args.pose)
-    train_vae(vae, images, args.vae_steps, args.vae_batch, 1e-3, generator, log)
-    means = encode_means(vae, images)
-    factor = rescale_latents(vae, means)
-    latents = means * factor * SCALING_FACTOR
-    vae_check = vae_agreement(vae, args.seed, args.check_images, args.pose)
-    print(f"VAE: latent rescale ×{factor:.3f}; counter agrees on {vae_check['counter_agrees']:.1%} of "
-          f"held-out reconstructions, five-finger hands kept {vae_check['five_read_as_five']:.1%}")
+                                     args.object_share, args.pose, args.wrong_counts)
+    if model is not None:
+        vae = model.vae
+        latents = encode_means(vae, images) * SCALING_FACTOR  # its latent scale is already folded in
+        vae_check = init["vae_check"]
+    else:
+        vae = arch.build_vae(TOY_VAE_CONFIG)
+        unet = arch.build_unet(TOY_UNET_CONFIG)
+        text = arch.build_text_encoder(TOY_TEXT_CONFIG)
+        model = SD1Model(unet, vae, text, load_tokenizer(), source="toy hands")
+        train_vae(vae, images, args.vae_steps, args.vae_batch, 1e-3, generator, log)
+        means = encode_means(vae, images)
+        factor = rescale_latents(vae, means)
+        latents = means * factor * SCALING_FACTOR
+        vae_check = vae_agreement(vae, args.seed, args.check_images, args.pose)
+        print(f"VAE: latent rescale ×{factor:.3f}; counter agrees on {vae_check['counter_agrees']:.1%} of "
+              f"held-out reconstructions, five-finger hands kept {vae_check['five_read_as_five']:.1%}")
     vae_seconds = time.perf_counter() - started
 
     def save(ema: EMA, step: int, final: bool = False) -> None:
         ema_unet, ema_text = ema.shadow
         meta = {"pentadactyl.toy_hands": json.dumps({
             "seed": args.seed, "images": args.images, "five_finger_share": args.five_finger_share,
-            "object_share": args.object_share, "pose": args.pose, "vae_steps": args.vae_steps, "unet_steps": step,
-            "unet_batch": args.unet_batch, "lr": args.lr, "threads": args.threads, "final": final,
-            "wall_seconds": round(time.perf_counter() - started), "vae_check": vae_check})}
+            "wrong_counts": args.wrong_counts, "object_share": args.object_share, "pose": args.pose,
+            "vae_steps": 0 if init else args.vae_steps, "unet_steps": step, "unet_batch": args.unet_batch,
+            "lr": args.lr, "threads": args.threads, "final": final,
+            "wall_seconds": round(time.perf_counter() - started), "vae_check": vae_check, "init": init})}
         save_sd1_single_file(out, SD1Model(ema_unet, vae, ema_text, model.tokenizer, "toy hands"),
                              dtype=torch.float16, metadata=meta)
 
@@ -277,10 +317,16 @@ def main(argv: list[str] | None = None) -> None:
     save(ema, args.unet_steps, final=True)
     wall = time.perf_counter() - started
     log_path = out.with_suffix(".log.json")
-    log_path.write_text(json.dumps({"args": vars(args), "vae_check": vae_check, "vae_seconds": round(vae_seconds),
-                                    "wall_seconds": round(wall), "log": log}, indent=1) + "\n")
+    record = {"args": vars(args), "vae_check": vae_check, "vae_seconds": round(vae_seconds),
+              "wall_seconds": round(wall), "log": log}
+    if args.init:  # the log of the run this one continued, so that one file tells the whole history
+        init_log = Path(args.init).with_suffix(".log.json")
+        record["init_log"] = json.loads(init_log.read_text()) if init_log.is_file() else None
+    log_path.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) in {wall / 60:.1f} min")
 
 
 if __name__ == "__main__":
-    main()
+    from library.cli import run_main
+
+    run_main(main)

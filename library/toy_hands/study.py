@@ -1,6 +1,6 @@
 """The hand study in miniature, in one command, on the pretrained toy hand model:
 
-    python -m library.toy_hands.study --out toy_study            (about 33 minutes on 2 CPU cores)
+    python -m library.toy_hands.study --out toy_study            (about 34 minutes on 2 CPU cores)
     python -m library.toy_hands.study --out toy_study --quick    (a few minutes: the same steps, smaller)
 
 Every row trains through the public scripts (train_network.py, train_textual_inversion.py,
