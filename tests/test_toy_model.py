@@ -52,9 +52,10 @@ def test_pretrain_script_writes_a_loadable_sd1_file(tmp_path):
                    "--five_finger_share", "0.2", "--wrong_counts", "extra", "--unet_steps", "2",
                    "--unet_batch", "4", "--save_every", "0", "--threads", "1"])
     a, b = load_sd1(out), load_sd1(second)
+    b_vae, b_unet = b.vae.state_dict(), b.unet.state_dict()
     for key, value in a.vae.state_dict().items():
-        assert torch.equal(value, b.vae.state_dict()[key]), key
-    assert any(not torch.equal(v, b.unet.state_dict()[k]) for k, v in a.unet.state_dict().items())
+        assert torch.equal(value, b_vae[key]), key
+    assert any(not torch.equal(v, b_unet[k]) for k, v in a.unet.state_dict().items())
     with safe_open(str(second), "pt") as f:
         meta2 = json.loads(f.metadata()["pentadactyl.toy_hands"])
     assert meta2["init"]["file"] == out.name and meta2["init"]["unet_steps"] == 3 and meta2["vae_steps"] == 0
