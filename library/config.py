@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping
@@ -154,7 +154,8 @@ class Job:
         if self.datasets is not None:
             lines.append("")
             lines.append("# datasets (resolved)")
-            for line in json.dumps(self.datasets, indent=2, default=str).splitlines():
+            plain = [asdict(d) if is_dataclass(d) else d for d in self.datasets]
+            for line in json.dumps(plain, indent=2, default=str).splitlines():
                 lines.append(f"# {line}")
         return "\n".join(lines) + "\n"
 
@@ -282,7 +283,9 @@ def load_job(script: str, argv: list[str] | None = None, config_path: str | None
 
         dataset_source = values.get("dataset_config") or source
         job_dataset_values = {k: v for k, v in values.items() if k in fields}
-        datasets = resolve_datasets(job_dataset_values, dataset_tables or None, str(dataset_source), Path.cwd())
+        command_line = {k: values[k] for k in cli}  # the command line wins over the dataset tables too
+        datasets = resolve_datasets(job_dataset_values, dataset_tables or None, str(dataset_source), Path.cwd(),
+                                    command_line)
     job = Job(script, resolved, source, values.keys(), datasets)
     if print_config:
         sys.stdout.write(job.to_toml())

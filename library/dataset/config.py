@@ -247,7 +247,7 @@ def _make_subset(layers: list[Mapping[str, Any]], base_dir: Path, where: str) ->
         spec = SUBSET_FIELDS.get(key) or SUBSET_ONLY_FIELDS[key]
         return _lookup(key, layers, spec.default)
 
-    image_dir = layers[0].get("image_dir")
+    image_dir = _lookup("image_dir", layers, None)  # only the subset's own table has it
     if image_dir is None:
         raise ConfigError(f"{where}: 'image_dir' is required: the folder holding this subset's images.")
     path = Path(image_dir).expanduser()
@@ -353,14 +353,17 @@ def folder_mode_subsets(parent: Path, is_reg: bool, what: str) -> list[dict[str,
     return subsets
 
 
-def resolve_datasets(job: Mapping[str, Any], dataset_table: Mapping[str, Any] | None, where: str, base_dir: Path) -> list[DatasetConfig]:
+def resolve_datasets(job: Mapping[str, Any], dataset_table: Mapping[str, Any] | None, where: str, base_dir: Path,
+                     command_line: Mapping[str, Any] | None = None) -> list[DatasetConfig]:
     """Typed dataset configs from a job's dataset keys and/or its dataset tables.
 
     `job`: validated job-level values (only the keys present). `dataset_table`: the content of
     `[general]`/`[[datasets]]` (inline or from dataset_config), or None in folder mode. `where` names
-    the file for messages; relative image_dir paths are taken from `base_dir`.
+    the file for messages; relative image_dir paths are taken from `base_dir`. `command_line`: the
+    values given as command-line options, which win over every table (a subset's too).
     """
     job_layer = _job_layer(job)
+    cli_layer = _job_layer(command_line or {})
     folder_mode = job.get("train_data_dir") is not None
     if dataset_table and folder_mode:
         raise ConfigError(f"{where}: both train_data_dir and [[datasets]] (or dataset_config) are given; use one of them "
@@ -376,8 +379,8 @@ def resolve_datasets(job: Mapping[str, Any], dataset_table: Mapping[str, Any] | 
             reg = Path(job["reg_data_dir"]).expanduser()
             reg = reg if reg.is_absolute() else base_dir / reg
             tables += folder_mode_subsets(reg, True, "reg_data_dir")
-        subsets = tuple(_make_subset([t, job_layer], base_dir, f"{where} {t['image_dir']}") for t in tables)
-        return [_make_dataset([job_layer], subsets, job, f"{where} train_data_dir")]
+        subsets = tuple(_make_subset([cli_layer, t, job_layer], base_dir, f"{where} {t['image_dir']}") for t in tables)
+        return [_make_dataset([cli_layer, job_layer], subsets, job, f"{where} train_data_dir")]
 
     if not dataset_table:
         raise ConfigError(f"{where}: no training images: set train_data_dir (folders named like '10_hand') or "
@@ -408,7 +411,7 @@ def resolve_datasets(job: Mapping[str, Any], dataset_table: Mapping[str, Any] | 
             if not isinstance(sub_raw, dict):
                 raise ConfigError(f"{sub_where}: must be a table.")
             sub = validate_table(sub_raw, {**SUBSET_ONLY_FIELDS, **SUBSET_FIELDS}, sub_where, UNSUPPORTED_DATASET_KEYS)
-            subsets.append(_make_subset([sub, ds, general, job_layer], base_dir, sub_where))
-        out.append(_make_dataset([ds, general, job_layer], tuple(subsets), job, ds_where))
+            subsets.append(_make_subset([cli_layer, sub, ds, general, job_layer], base_dir, sub_where))
+        out.append(_make_dataset([cli_layer, ds, general, job_layer], tuple(subsets), job, ds_where))
     return out
 
