@@ -2,8 +2,8 @@
 
 Reading (`load_embedding`, `load_embeddings`):
 - `.safetensors` with `{"emb_params": Tensor[n, width]}` (A1111, ComfyUI, sd-scripts);
-- A1111 `.pt`: `{"string_to_param": {"*": Tensor[n, width]}, "name", "step", ...}`, read with
-  `torch.load(weights_only=True)` only; a pickle that needs code to load is refused, never executed;
+- A1111 `.pt`: `{"string_to_param": {"*": Tensor[n, width]}, "name", "step", ...}`, read by
+  `library.safe_pickle`: a pickle that would call code to load is refused, never executed;
 - diffusers `.bin`: `{token: Tensor[width] or [n, width]}`.
 The prompt token is the file's base name, as in A1111 and ComfyUI (`EasyNegative.safetensors` →
 "EasyNegative"); diffusers' `learned_embeds.bin` keeps the token stored inside it.
@@ -22,9 +22,7 @@ from __future__ import annotations
 import datetime
 import io
 import os
-import pickle
 import re
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -33,6 +31,7 @@ import torch
 
 from library.errors import ModelLoadError
 from library.fileio import atomic_path, save_safetensors_atomic
+from library.safe_pickle import PICKLE_SUFFIXES, load_pickle
 
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
 SAFETENSORS_KEY = "emb_params"
@@ -71,7 +70,7 @@ def load_embedding(path: str | os.PathLike, expected_width: int | None = None) -
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         name, vectors, step = path.stem, _vectors_from_safetensors(path), None
-    elif suffix in (".pt", ".bin", ".ckpt", ".pth"):
+    elif suffix in PICKLE_SUFFIXES:
         name, vectors, step = _read_pickled_embedding(path)
     else:
         raise ModelLoadError(f"{path}: unknown embedding type '{path.suffix}'; expected "
@@ -110,15 +109,7 @@ def _vectors_from_safetensors(path: Path) -> torch.Tensor:
 
 
 def _read_pickled_embedding(path: Path) -> tuple[str, torch.Tensor, int | None]:
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as exc:
-        raise ModelLoadError(
-            f"{path}: refused to load: this pickle needs to run code to load "
-            f"({str(exc).splitlines()[0][:160]}). pentadactyl never executes code from downloaded files; "
-            "use the .safetensors release of the embedding or convert it with a tool you trust.") from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise ModelLoadError(f"{path}: cannot read this embedding ({exc}); it may be truncated.") from None
+    obj = load_pickle(path, ModelLoadError, "embedding")
     if not isinstance(obj, dict):
         raise ModelLoadError(f"{path}: holds a {type(obj).__name__}, not an embedding dictionary.")
 

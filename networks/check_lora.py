@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from library.errors import PentadactylError
+from library.errors import NetworkFileError, PentadactylError
 from networks.files import (
-    group_by_module, module_alpha, module_rank, normalize_names, read_safetensors, safetensors_data_hash,
-    sshs_hashes, unknown_keys, unsupported_algorithm,
+    group_by_module, module_alpha, module_rank, normalize_names, not_an_sd1_lora, read_network_file,
+    safetensors_data_hash, sshs_hashes, unknown_keys, unsupported_algorithm,
 )
 from networks.names import ALPHA, DORA_SCALE, MID, SD1_BLOCK_NAMES, is_ldm_style, split_key
 from networks.targets import CONV, PART_TITLES, TE, UNET_ATTENTION, UNET_CONV, UNET_OTHER, LayerInfo, sd15_layer_table
@@ -71,9 +71,16 @@ def _fits(info: LayerInfo, parts: dict[str, torch.Tensor]) -> bool:
 
 
 def inspect_file(path: str | Path) -> FileReport:
-    """Everything `check_lora` prints, as data (raises NetworkFileError for unreadable files)."""
+    """Everything `check_lora` prints, as data.
+
+    Raises NetworkFileError for unreadable files and for files that are no SD1.x LoRA at all (a full
+    checkpoint, an SDXL LoRA): a table of their keys would only bury that verdict.
+    """
     path = Path(path)
-    tensors, metadata = read_safetensors(path)
+    tensors, metadata = read_network_file(path)
+    reason = not_an_sd1_lora(tensors)
+    if reason:
+        raise NetworkFileError(f"{path}: {reason}")
     report = FileReport(path, path.stat().st_size, len(tensors), Counter(str(t.dtype).removeprefix("torch.")
                                                                           for t in tensors.values()), metadata)
     keys = list(tensors)
@@ -220,7 +227,8 @@ def _block_table(modules: list[ModuleFacts]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Show what a LoRA/LoCon .safetensors file contains.")
+    parser = argparse.ArgumentParser(description="Show what a LoRA/LoCon file (.safetensors, or a .pt pickle "
+                                                 "read without running code) contains.")
     parser.add_argument("files", nargs="+", type=Path, help="LoRA files")
     args = parser.parse_args(argv)
     status = 0

@@ -6,6 +6,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Mapping
@@ -14,6 +15,7 @@ import torch
 
 from library.errors import NetworkFileError
 from library.fileio import save_safetensors_atomic
+from library.safe_pickle import PICKLE_SUFFIXES, load_pickle
 from networks.names import (
     ALPHA, DORA_SCALE, DOWN, LORA_PARTS, MID, OTHER_ALGORITHMS, TE_PREFIX, UNET_PREFIX, UP,
     split_key, to_diffusers_name,
@@ -29,6 +31,10 @@ SAVE_DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
 }
+
+# Key prefixes of whole checkpoints (LDM single files, SD1 to SDXL), which users sometimes pass as a LoRA.
+FULL_MODEL_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.embedders.")
+SDXL_TE_PREFIXES = ("lora_te1_", "lora_te2_")
 
 LEGACY_HASH_OFFSET = 0x100000  # 1 MiB
 LEGACY_HASH_LENGTH = 0x10000  # 64 KiB
@@ -145,6 +151,20 @@ def save_network(
 
 
 # --- loading ------------------------------------------------------------------------------------------
+def read_network_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a LoRA file: .safetensors, or a pickle read without running code."""
+    path = Path(path)
+    if not path.is_file():
+        raise NetworkFileError(f"{path}: no such file; check the path of the LoRA file")
+    if path.suffix.lower() not in PICKLE_SUFFIXES:
+        return read_safetensors(path)
+    obj = load_pickle(path, NetworkFileError, "LoRA file")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, dict) else {}
+    if not tensors:
+        raise NetworkFileError(f"{path}: holds no tensors at the top level; it is not a LoRA file")
+    return tensors, {}  # pickled LoRAs (old kohya .pt files) carry no metadata
+
+
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors and the metadata of a .safetensors file, with user-facing errors."""
     from safetensors import SafetensorError
@@ -153,9 +173,6 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     path = Path(path)
     if not path.is_file():
         raise NetworkFileError(f"{path}: no such file; check the path of the LoRA file")
-    if path.suffix.lower() in (".pt", ".ckpt", ".bin", ".pth"):
-        raise NetworkFileError(f"{path}: only .safetensors LoRA files are read (pickled files can run code); "
-                               "convert it to .safetensors first")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
@@ -166,6 +183,42 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
             "download or copy it again"
         ) from None
     return tensors, metadata
+
+
+# What a LoRA's U-Net cross-attention keys / values read (the text encoder's width) for other base models.
+_CONTEXT_WIDTH_FAMILY = {1024: "SD2.x", 2048: "SDXL"}
+_CONTEXT_PROJECTION = re.compile(r"attn2_to_[kv]$")
+# SD1.x and SD2.x have one transformer block per attention layer; SDXL has 2 or 10.
+_LATER_TRANSFORMER_BLOCK = re.compile(r"_transformer_blocks_[1-9]")
+
+
+def not_an_sd1_lora(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """Why a file is not an SD1.x LoRA at all (a full model, an SDXL or SD2 LoRA), or None when it may be one."""
+    keys = list(tensors)
+    model_keys = [k for k in keys if k.startswith(FULL_MODEL_PREFIXES)]
+    if model_keys:
+        from library.models.architecture import detect_family
+
+        family = detect_family(model_keys)
+        name = "model" if family == "unknown" else f"{family} model"
+        prefix = next(p for p in FULL_MODEL_PREFIXES if any(k.startswith(p) for k in model_keys))
+        return (f"this is a full {name} checkpoint ({prefix}* keys), not a LoRA; use it "
+                "as pretrained_model_name_or_path. A LoRA file has lora_unet_…/lora_te_… keys")
+    evidence = None
+    if any(k.startswith(SDXL_TE_PREFIXES) for k in keys):
+        family, evidence = "SDXL", "it has lora_te1_/lora_te2_ text-encoder keys"
+    for key, value in tensors.items():
+        module, part = split_key(key)
+        if evidence is None and _LATER_TRANSFORMER_BLOCK.search(module):
+            family, evidence = "SDXL", f"{module} is a second or later transformer block, which only SDXL has"
+        elif (evidence is None and part == DOWN and _CONTEXT_PROJECTION.search(module) and value.dim() == 2
+              and int(value.shape[1]) in _CONTEXT_WIDTH_FAMILY):
+            width = int(value.shape[1])
+            family, evidence = _CONTEXT_WIDTH_FAMILY[width], f"its cross-attention inputs are {width} wide, SD1.x's are 768"
+    if evidence is None:
+        return None
+    return (f"this is an {family} LoRA ({evidence}); it does not fit Stable Diffusion 1.x models. Use a LoRA "
+            "made for SD1.x (SD1.5 or a model fine-tuned from it)")
 
 
 def unsupported_algorithm(keys: list[str]) -> tuple[str, list[str]] | None:
@@ -198,9 +251,6 @@ def check_network_keys(keys: list[str], source: str) -> None:
     """Raise NetworkFileError unless every key is a LoRA/LoCon tensor of an SD1 network."""
     if not keys:
         raise NetworkFileError(f"{source}: the file holds no tensors; it is not a LoRA")
-    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys):
-        raise NetworkFileError(f"{source}: this is an SDXL LoRA (it has lora_te1_/lora_te2_ keys); "
-                               "pentadactyl uses Stable Diffusion 1.x LoRAs")
     other = unsupported_algorithm(keys)
     if other is not None:
         algorithm, examples = other
@@ -229,7 +279,10 @@ def check_network_keys(keys: list[str], source: str) -> None:
 
 def load_network_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read and validate a LoRA/LoCon file; tensors keep the file's names (see `normalize_names`)."""
-    tensors, metadata = read_safetensors(path)
+    tensors, metadata = read_network_file(path)
+    reason = not_an_sd1_lora(tensors)
+    if reason:
+        raise NetworkFileError(f"{path}: {reason}")
     check_network_keys(list(tensors), str(path))
     return tensors, metadata
 

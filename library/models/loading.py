@@ -4,17 +4,16 @@
     model.unet, model.vae, model.text_encoder, model.tokenizer
 
 Modules are built on the meta device and the file's tensors assigned into them, so loading costs about
-as much as reading the file. `.ckpt`/`.pt` files are read with `torch.load(weights_only=True)` only:
-a pickle that needs code to load is refused, never executed.
+as much as reading the file. `.ckpt`/`.pt` files are read by `library.safe_pickle`: tensors, plus the
+Lightning bookkeeping of the released SD1.4/SD1.5 files as inert stand-ins; a pickle that would call
+anything else is refused, never executed.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
 import time
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -25,8 +24,9 @@ from library.errors import ModelLoadError
 from library.models import architecture as arch
 from library.models import ldm_keys
 from library.models.tokenizer import load_tokenizer
+from library.safe_pickle import PICKLE_SUFFIXES, load_pickle
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 DIFFUSERS_PARTS = ("unet", "vae", "text_encoder")
 
 
@@ -56,7 +56,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                              ".safetensors/.ckpt file or diffusers folder (nothing is downloaded).")
     if path.suffix.lower() == ".safetensors":
         return _read_safetensors(path)
-    if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
         return _read_pickle(path)
     raise ModelLoadError(f"{path}: unknown checkpoint type '{path.suffix}'; expected one of "
                          f"{', '.join(SINGLE_FILE_SUFFIXES)} or a diffusers folder.")
@@ -66,26 +66,19 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelLoadError(f"{path}: the checkpoint is empty (0 bytes), as an interrupted download or copy "
+                             "leaves it; download or copy it again.")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        size = path.stat().st_size
         raise ModelLoadError(f"{path}: not a readable safetensors file ({size} bytes; {exc}). It is probably "
                              "truncated (an interrupted download or copy): download or copy it again.") from None
 
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        # mmap avoids a second copy of the weights, but only the zip format supports it
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as exc:
-        raise ModelLoadError(
-            f"{path}: refused to load: this pickle file needs to run code to load ({str(exc).splitlines()[0][:200]}). "
-            "pentadactyl never executes code from model files. Convert it to .safetensors with a tool you trust, "
-            "or get the .safetensors release of the model.") from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise ModelLoadError(f"{path}: cannot read this checkpoint ({exc}). It may be truncated; "
-                             "download or copy it again, preferably as .safetensors.") from None
+    obj = load_pickle(path, ModelLoadError, "checkpoint")
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -122,6 +115,7 @@ def _load_single_file(path: Path, dtype: torch.dtype) -> SD1Model:
     state = read_state_dict(path)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     configs = arch.infer_configs(shapes, str(path))
+    _refuse_other_unet_inputs(configs.unet, configs.vae["latent_channels"], path)
     unet = arch.build_unet(configs.unet, empty=True)
     vae = arch.build_vae(configs.vae, empty=True)
     text = arch.build_text_encoder(configs.text, empty=True)
@@ -131,6 +125,26 @@ def _load_single_file(path: Path, dtype: torch.dtype) -> SD1Model:
     known = (arch.UNET_PREFIX, arch.VAE_PREFIX, arch.TEXT_PREFIX)
     ignored = sorted(k for k in state if not k.startswith(known))
     return SD1Model(unet, vae, text, load_tokenizer(), str(path), extra={"ignored_keys": ignored})
+
+
+def _refuse_other_unet_inputs(unet_config: Mapping, latent_channels: int, path: Path) -> None:
+    """Training and sampling feed the U-Net noisy latents only; an inpainting (or InstructPix2Pix) U-Net
+    also wants a mask and a conditioning image, which nothing here makes, so refuse it before any work."""
+    channels = unet_config["in_channels"]
+    if channels == latent_channels:
+        return
+    if channels == latent_channels * 2 + 1:
+        raise ModelLoadError(
+            f"{path}: this is an inpainting checkpoint (conv_in takes {channels} channels: the latents, a mask and "
+            "the masked image's latents); pentadactyl trains and samples text-to-image SD1.x models only. Use "
+            "the matching non-inpainting base model (e.g. v1-5-pruned-emaonly.safetensors for "
+            "sd-v1-5-inpainting): a LoRA trained on the base model also works on its inpainting model in "
+            "A1111 and ComfyUI.")
+    kind = "an InstructPix2Pix-style" if channels == latent_channels * 2 else "a non-standard"
+    raise ModelLoadError(
+        f"{path}: this is {kind} checkpoint (conv_in takes {channels} channels, not the {latent_channels} latent "
+        "channels of a text-to-image model); pentadactyl trains and samples text-to-image SD1.x models only. "
+        "Use the text-to-image model it was made from.")
 
 
 def _assign(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], dtype: torch.dtype, path: Path, part: str) -> None:
@@ -167,6 +181,8 @@ def _load_diffusers_folder(path: Path, dtype: torch.dtype) -> SD1Model:
         raise ModelLoadError(f"{path}: this is SDXL, not SD1.x; pentadactyl trains Stable Diffusion 1.x.")
     if unet_cfg.get("cross_attention_dim") == 1024:
         raise ModelLoadError(f"{path}: this is SD2.x, not SD1.x; pentadactyl trains Stable Diffusion 1.x.")
+    vae_cfg = json.loads((path / "vae" / "config.json").read_text())
+    _refuse_other_unet_inputs(unet_cfg, vae_cfg.get("latent_channels", 4), path)
     try:
         unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype, local_files_only=True)
         vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, local_files_only=True)
