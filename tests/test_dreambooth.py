@@ -137,10 +137,24 @@ def test_class_images_fill_the_folder_once_and_are_reused(tmp_path, tiny_sampler
     assert [(p.name, s) for p, s in more.missing] == [("class_00003.png", 13)]
     make([more], tiny_sampler)
     assert all((folder / n).stat().st_mtime_ns == t for n, t in before.items())  # reused, not rewritten
-    # the image added later equals the one a fresh run of 4 makes: seeds belong to file numbers
+    # filled in two runs (3, then 1 more: batches [0, 1], [2, 3] and [2, 3] again), the folder holds byte for
+    # byte what one run of 4 writes: seeds and batches belong to file numbers, not to what is missing
     fresh = tmp_path / "fresh"
     make([plan_class_images(fresh, "a circle", wanted=4, seed=10, size=(64, 64))], tiny_sampler)
-    assert (fresh / "class_00003.png").read_bytes() == (folder / "class_00003.png").read_bytes()
+    for name in ("class_00000.png", "class_00001.png", "class_00002.png", "class_00003.png"):
+        assert (fresh / name).read_bytes() == (folder / name).read_bytes(), name
+
+
+def test_an_image_is_always_made_in_the_batch_of_its_block():
+    """Image NNNNN: place NNNNN % batch_size among the seeds of its block, whichever images are missing."""
+    from library.training.class_images import batch_layout
+
+    missing = [(Path(f"class_{i:05d}.png"), 100 + i) for i in (1, 3, 4, 9)]
+    assert [(seeds, {k: p.name for k, p in paths.items()}) for seeds, paths in batch_layout(missing, 4)] == [
+        ([100, 101, 102, 103], {1: "class_00001.png", 3: "class_00003.png"}),
+        ([104, 105, 106, 107], {0: "class_00004.png"}),
+        ([108, 109, 110, 111], {1: "class_00009.png"})]
+    assert [seeds for seeds, _ in batch_layout(missing, 1)] == [[101], [103], [104], [109]]
 
 
 def test_read_only_user_class_images_are_left_intact(tmp_path, tiny_sampler, monkeypatch):
@@ -157,6 +171,10 @@ def test_read_only_user_class_images_are_left_intact(tmp_path, tiny_sampler, mon
     for p in user:
         assert (p.read_bytes(), p.stat().st_mode, p.stat().st_mtime_ns) == snapshot[p.name]
     assert len([p for p in folder.iterdir() if p.suffix == ".png"]) == 4
+    # the images beside the user's are the files an empty folder gets (class_00000 was not made here)
+    make([plan_class_images(tmp_path / "fresh", "a square", wanted=3, seed=0, size=(64, 64))], tiny_sampler)
+    for name in ("class_00001.png", "class_00002.png"):
+        assert (tmp_path / "fresh" / name).read_bytes() == (folder / name).read_bytes(), name
     # enough images already: nothing is written at all
     assert plan_class_images(folder, "a square", wanted=2, seed=0).missing == []
     # a folder we may not write to is reported before any work, with the fix

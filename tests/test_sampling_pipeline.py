@@ -58,9 +58,12 @@ def test_same_seed_same_image_independent_of_batch(tiny):
     first = latents_of(sampler, spec, seeds=(5, 6), batch_size=2)
     again = latents_of(sampler, spec, seeds=(5, 6), batch_size=2)
     alone = latents_of(sampler, spec, seeds=(6,))
-    assert torch.equal(first, again)
-    assert torch.allclose(first[1], alone[0], atol=1e-4)
-    assert not torch.allclose(first[0], first[1])
+    assert torch.equal(first, again)  # the same batch: the same kernels, the same bits
+    # another batch size sums in another order: the same image up to rounding (3e-6 of the scale on an AVX2
+    # CPU; any CPU stays far below 1e-3), not to the bit, while another seed's image differs by the scale
+    scale = alone.abs().max()
+    assert (first[1] - alone[0]).abs().max() < 1e-3 * scale
+    assert (first[0] - first[1]).abs().max() > 0.5 * scale
 
 
 def test_unweighted_prompts_encode_like_training(tiny):

@@ -36,7 +36,8 @@ SAMPLE_FIELDS: dict[str, Field] = {
     "seeds": Field("list[int]", None, "seeds of every prompt's images (overrides images_per_prompt); "
                    "default: seed, seed+1, …", section=S),
     "images_per_prompt": Field("int", 1, "images per prompt (seeds seed, seed+1, …).", minimum=1, section=S),
-    "batch_size": Field("int", 1, "images denoised together (same results, more memory).", minimum=1, section=S),
+    "batch_size": Field("int", 1, "images denoised together (same images up to float rounding, more memory).",
+                        minimum=1, section=S),
     "networks": Field("list[str]", None, "LoRA/LoCon files with multipliers: [\"style.safetensors:0.75\"].",
                       section=S),
     "network_mode": Field("str", "auto", "merge (fast; multipliers fixed), patch, or auto (merge all but a "

@@ -7,7 +7,10 @@ Built once from the model parts; used by `sample.py` and by the trainer mid-trai
 
 Determinism: image k of a prompt uses seed (spec.seed or the run's seed) + k. Its starting noise and
 every noise draw of an ancestral/SDE sampler come from a CPU generator of its own, so an image depends
-on its seed only: not on the batch size, the device, or what else is in the batch. `sample()` puts the
+on its seed only: not on the batch size, the device, or what else is in the batch. That holds up to
+float rounding, not to the bit: kernels sum in another order for another batch shape (or device, CPU
+kind), which moves latents by a few 1e-6 of their scale and now and then a pixel by one level. The same
+batch of seeds on the same machine gives the same bits (class images rely on that). `sample()` puts the
 models in eval mode, runs under no_grad and restores the global RNG states (torch CPU/CUDA, random,
 numpy) and the modules' train flags afterwards, so sampling never changes the training run.
 """
