@@ -124,26 +124,27 @@ _restricted_pickle.load = _restricted_load
 
 
 def load_pickle(path: str | os.PathLike, error_cls: type[PentadactylError], what: str = "checkpoint",
-                fix: str | None = None) -> object:
+                fix: str | None = None, damaged: str | None = None) -> object:
     """The object in a torch.save / Lightning pickle, built without running code from the file.
 
     Every problem raises `error_cls` with a message that names the file: missing, empty, truncated,
     corrupt, or refused (naming the class or function that would have been called). `what` names the
     file's role in those messages ("checkpoint", "embedding", "optimizer state"); `fix` replaces the
-    advice of a refusal (by default: get or make a .safetensors file).
+    advice of a refusal (by default: get or make a .safetensors file); `damaged` replaces the cause and
+    advice given for an empty, truncated or corrupt file (by default: an interrupted download, get it again).
     """
     path = Path(path)
     if not path.is_file():
         raise error_cls(f"{path}: no such file; check the path of the {what}.")
     size = path.stat().st_size
     if size == 0:
-        raise error_cls(f"{path}: the {what} is empty (0 bytes), as an interrupted download or copy "
-                        "leaves it; download or copy it again.")
+        raise error_cls(f"{path}: the {what} is empty (0 bytes); " + (damaged or "an interrupted download or copy "
+                        "leaves it so: download or copy it again."))
     with open(path, "rb") as handle:
         head = handle.read(4)
     is_zip = zipfile.is_zipfile(path)
     if head == _ZIP_SIGNATURE and not is_zip:  # torch.save's zip format, without its end (the zip directory)
-        raise error_cls(_truncated(path, what, size))
+        raise error_cls(_truncated(path, what, size, damaged))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's pickle-protocol notes: our own messages say what matters
@@ -160,18 +161,18 @@ def load_pickle(path: str | os.PathLike, error_cls: type[PentadactylError], what
             f"known-harmless checkpoint class, and a pickle's calls can run any code. Nothing was executed: "
             f"pentadactyl never executes code from the files it loads. {advice}") from None
     except (EOFError, struct.error):
-        raise error_cls(_truncated(path, what, size)) from None
+        raise error_cls(_truncated(path, what, size, damaged)) from None
     except (pickle.UnpicklingError, RuntimeError, OSError, ValueError, TypeError, AttributeError,
             IndexError, KeyError, UnicodeDecodeError) as exc:
         if "truncated" in str(exc) or "unexpected EOF" in str(exc):
-            raise error_cls(_truncated(path, what, size)) from None
-        raise error_cls(f"{path}: cannot read this {what} ({_plain(exc)}); the file is corrupt or not a PyTorch "
-                        "checkpoint. Download or copy it again, preferably as .safetensors.") from None
+            raise error_cls(_truncated(path, what, size, damaged)) from None
+        raise error_cls(f"{path}: cannot read this {what} ({_plain(exc)}); " + (damaged or "the file is corrupt or "
+                        "not a PyTorch checkpoint. Download or copy it again, preferably as .safetensors.")) from None
 
 
-def _truncated(path: Path, what: str, size: int) -> str:
-    return (f"{path}: the {what} is truncated (its end is missing after {size:,} bytes), probably an interrupted "
-            "download or copy; download or copy it again, preferably as .safetensors.")
+def _truncated(path: Path, what: str, size: int, damaged: str | None = None) -> str:
+    return (f"{path}: the {what} is truncated (its end is missing after {size:,} bytes); " + (damaged or
+            "probably an interrupted download or copy: download or copy it again, preferably as .safetensors."))
 
 
 def _plain(exc: BaseException) -> str:

@@ -23,7 +23,7 @@ def tokenize_chunks(tokenizer, texts: Sequence[str], max_token_length: int = 75)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     rows = []
     for text in texts:
-        ids = tokenizer(text, add_special_tokens=False, truncation=False).input_ids[: n_chunks * CHUNK]
+        ids = token_ids(tokenizer, text)[: n_chunks * CHUNK]
         chunks = []
         for c in range(n_chunks):
             body = ids[c * CHUNK:(c + 1) * CHUNK]
@@ -31,6 +31,24 @@ def tokenize_chunks(tokenizer, texts: Sequence[str], max_token_length: int = 75)
             chunks.append(chunk + [pad] * (CHUNK + 2 - len(chunk)))
         rows.append(chunks)
     return torch.tensor(rows, dtype=torch.long)
+
+
+def token_ids(tokenizer, text: str) -> list[int]:
+    """The text's token ids without BOS/EOS, uncut (and without transformers' warning about length: callers
+    cut to max_token_length and say so themselves)."""
+    return tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
+
+
+def long_captions(tokenizer, captions, max_token_length: int) -> list[tuple[object, int]]:
+    """(source, token count) of each caption longer than max_token_length tokens, longest first."""
+    seen: dict[str, int] = {}
+    found = []
+    for source, text in captions:
+        if text not in seen:
+            seen[text] = len(token_ids(tokenizer, text))
+        if seen[text] > max_token_length:
+            found.append((source, seen[text]))
+    return sorted(found, key=lambda item: -item[1])
 
 
 def encode_token_chunks(text_encoder, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -41,3 +42,30 @@ def fixed_noise_loss(model, folder: Path, caption: str | None = None, network_fi
     for network in applied:
         network.restore()
     return sum(losses) / len(losses)
+
+
+def write_job(tmp_path: Path, model: Path, images: Path, **keys) -> Path:
+    """A small LoRA job on 64-pixel images (keys override the defaults); its outputs go to tmp_path/out."""
+    base = {
+        "pretrained_model_name_or_path": str(model), "output_dir": str(tmp_path / "out"), "output_name": "lora",
+        "network_dim": 4, "network_alpha": 4.0, "learning_rate": 2e-3, "max_train_steps": 8, "seed": 7,
+        "train_batch_size": 2, "cache_latents": True, "optimizer_type": "AdamW", "save_precision": "float",
+    }
+    base.update(keys)
+    lines = [f"{k} = {json.dumps(v)}" for k, v in base.items()]
+    lines += ["[general]", "resolution = 64", "min_bucket_reso = 64", "max_bucket_reso = 64",
+              "[[datasets]]", "[[datasets.subsets]]", f"image_dir = {json.dumps(str(images))}"]
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "job.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_job(path: Path, **overrides):
+    """Train the LoRA job at `path` in this process."""
+    from library.config import load_job
+    from library.training.loop import train
+    from library.training.network_method import NetworkMethod
+
+    job = load_job("train_network", config_path=str(path), overrides=overrides)
+    return train(job, NetworkMethod(job))

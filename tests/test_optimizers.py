@@ -28,10 +28,14 @@ def test_every_optimizer_steps_on_cpu(name):
 
 def test_optimizer_errors():
     weight = torch.nn.Parameter(torch.zeros(4))
-    with pytest.raises(ConfigError, match=r"optimizer_type = \"Adafactorr\" is unknown; use one of AdamW"):
+    with pytest.raises(ConfigError, match=r"optimizer_type = \"Adafactorr\" is unknown. Use one of AdamW"):
         build_optimizer("Adafactorr", [{"params": [weight]}], 1e-3, None)
-    with pytest.raises(ConfigError, match=r"optimizer_args do not fit AdamW"):
+    with pytest.raises(ConfigError, match=r"optimizer_type = \"AdamW8bt\" is unknown. Did you mean 'AdamW8bit'\?"):
+        build_optimizer("AdamW8bt", [{"params": [weight]}], 1e-3, None)
+    with pytest.raises(ConfigError, match=r"optimizer_args: AdamW takes no argument 'momentum'"):
         build_optimizer("AdamW", [{"params": [weight]}], 1e-3, ["momentum=0.9"])
+    with pytest.raises(ConfigError, match=r"optimizer_args do not fit AdamW: .*beta"):
+        build_optimizer("AdamW", [{"params": [weight]}], 1e-3, ["betas=(2.0, 0.9)"])
     with pytest.raises(ConfigError, match=r"'weight_decay' is not of the form name=value"):
         parse_optimizer_args(["weight_decay"])
     assert parse_optimizer_args(["betas=(0.9, 0.99)", "foreach=False"]) == {"betas": (0.9, 0.99), "foreach": False}

@@ -13,14 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from library.config import load_job
 from library.errors import ConfigError
 from library.models.loading import load_sd1
 from library.toy_data import write_shape_folder
-from library.training.loop import TrainingStopped, train
-from library.training.network_method import NetworkMethod
+from library.training.loop import TrainingStopped
 
-from helpers import fixed_noise_loss
+from helpers import fixed_noise_loss, run_job, write_job
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,31 +30,10 @@ def shapes_dir(tmp_path_factory):
     return folder
 
 
-def write_job(tmp_path: Path, model: Path, images: Path, **keys) -> Path:
-    base = {
-        "pretrained_model_name_or_path": str(model), "output_dir": str(tmp_path / "out"), "output_name": "lora",
-        "network_dim": 4, "network_alpha": 4.0, "learning_rate": 2e-3, "max_train_steps": 8, "seed": 7,
-        "train_batch_size": 2, "cache_latents": True, "optimizer_type": "AdamW", "save_precision": "float",
-    }
-    base.update(keys)
-    lines = [f"{k} = {json.dumps(v)}" for k, v in base.items()]
-    lines += ["[general]", "resolution = 64", "min_bucket_reso = 64", "max_bucket_reso = 64",
-              "[[datasets]]", "[[datasets.subsets]]", f"image_dir = {json.dumps(str(images))}"]
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "job.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def run(path: Path, **overrides):
-    job = load_job("train_network", config_path=str(path), overrides=overrides)
-    return train(job, NetworkMethod(job))
-
-
 def test_lora_training_lowers_fixed_noise_loss_and_file_reproduces_model(tmp_path, tiny_single_file, shapes_dir):
     job = write_job(tmp_path, tiny_single_file, shapes_dir, max_train_steps=40,
                     network_args=["conv_dim=4", "conv_alpha=4"])
-    result = run(job)
+    result = run_job(job)
     lora = result.final_files[0]
     assert lora == tmp_path / "out" / "lora.safetensors" and lora.is_file()
     fresh = load_sd1(tiny_single_file)
@@ -81,13 +58,13 @@ def test_lora_training_lowers_fixed_noise_loss_and_file_reproduces_model(tmp_pat
 
 
 def test_resume_reproduces_uninterrupted_losses(tmp_path, tiny_single_file, shapes_dir):
-    full = run(write_job(tmp_path / "a", tiny_single_file, shapes_dir, max_train_steps=8))
-    first = run(write_job(tmp_path / "b", tiny_single_file, shapes_dir, max_train_steps=5,
+    full = run_job(write_job(tmp_path / "a", tiny_single_file, shapes_dir, max_train_steps=8))
+    first = run_job(write_job(tmp_path / "b", tiny_single_file, shapes_dir, max_train_steps=5,
                           save_state_on_train_end=True))
     assert first.losses == full.losses[:5]
     state = first.state_dir
     assert json.loads((state / "progress.json").read_text())["global_step"] == 5
-    resumed = run(write_job(tmp_path / "b", tiny_single_file, shapes_dir, max_train_steps=8, resume=str(state)))
+    resumed = run_job(write_job(tmp_path / "b", tiny_single_file, shapes_dir, max_train_steps=8, resume=str(state)))
     assert resumed.losses == full.losses[5:]
     a = __import__("networks").load_network_file(full.final_files[0])[0]
     b = __import__("networks").load_network_file(resumed.final_files[0])[0]
@@ -107,14 +84,14 @@ def test_nan_loss_stops_with_message_after_saving_state(tmp_path, tiny_single_fi
 
     monkeypatch.setattr(nz, "per_sample_loss", poisoned)
     with pytest.raises(TrainingStopped, match=r"the loss became nan at step 3 .*last good state was saved.*bf16"):
-        run(write_job(tmp_path, tiny_single_file, shapes_dir))
+        run_job(write_job(tmp_path, tiny_single_file, shapes_dir))
     progress = json.loads((tmp_path / "out" / "lora-state" / "progress.json").read_text())
     assert progress["global_step"] == 2
 
 
 def test_fp16_on_cpu_is_refused(tmp_path, tiny_single_file, shapes_dir):
     with pytest.raises(ConfigError, match=r"fp16.*CPU.*bf16"):
-        run(write_job(tmp_path, tiny_single_file, shapes_dir, mixed_precision="fp16"))
+        run_job(write_job(tmp_path, tiny_single_file, shapes_dir, mixed_precision="fp16"))
 
 
 def test_sigint_saves_state_and_weights_then_resume_matches(tmp_path, tiny_single_file, shapes_dir):
@@ -137,8 +114,8 @@ def test_sigint_saves_state_and_weights_then_resume_matches(tmp_path, tiny_singl
     assert 0 < step < 400
     assert (tmp_path / "out" / f"lora-step{step:08d}.safetensors").is_file()
     assert f"--resume {state}" in err
-    resumed = run(job, resume=str(state), max_train_steps=step + 3)
-    reference = run(write_job(tmp_path / "ref", tiny_single_file, shapes_dir, max_train_steps=step + 3))
+    resumed = run_job(job, resume=str(state), max_train_steps=step + 3)
+    reference = run_job(write_job(tmp_path / "ref", tiny_single_file, shapes_dir, max_train_steps=step + 3))
     assert resumed.losses == reference.losses[step:]
 
 
@@ -152,7 +129,7 @@ def test_two_process_ddp_equals_one_process_with_same_global_batch(tmp_path, tin
                            "--master_port", "29561", str(REPO / "train_network.py"), "--config", str(ddp_job)],
                           cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    single = run(write_job(tmp_path / "one", tiny_single_file, shapes_dir, max_train_steps=3,
+    single = run_job(write_job(tmp_path / "one", tiny_single_file, shapes_dir, max_train_steps=3,
                            gradient_accumulation_steps=2))
     a = load_network_file(tmp_path / "ddp" / "out" / "lora.safetensors")[0]
     b = load_network_file(single.final_files[0])[0]
@@ -173,7 +150,7 @@ def test_validation_split_holds_out_images_and_its_loss_is_reported(tmp_path, ti
     held = hold_out(data, 0.25)
     assert len(held) == 2 and data.num_train_images == 6  # 8 images, a quarter held out
     assert held == hold_out(TrainDataset(configs, seed=1), 0.25)  # deterministic for the seed
-    result = run(write_job(tmp_path, tiny_single_file, shapes_dir, max_train_steps=30, validation_split=0.25,
+    result = run_job(write_job(tmp_path, tiny_single_file, shapes_dir, max_train_steps=30, validation_split=0.25,
                            validate_every_n_steps=15, network_args=["conv_dim=4", "conv_alpha=4"]))
     steps = [s for s, _ in result.validation]
     assert steps == [0, 15, 30]  # before training, every 15 steps, and at the end
@@ -196,7 +173,7 @@ def test_periodic_saves_pruning_ema_tensorboard_and_text_cache(tmp_path, tiny_si
     job = write_job(tmp_path, tiny_single_file, shapes_dir, max_train_steps=8, save_every_n_steps=2,
                     save_last_n_steps=4, ema_decay=0.5, logging_dir=str(tmp_path / "logs"),
                     network_train_unet_only=True)
-    result = run(job)
+    result = run_job(job)
     out = tmp_path / "out"
     # saves at steps 2, 4, 6; only those of the last 4 steps are kept beside the final file
     assert sorted(p.name for p in out.glob("*.safetensors")) == [

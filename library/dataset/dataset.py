@@ -12,6 +12,7 @@ import logging
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -32,6 +33,7 @@ from library.dataset.sources import (
     scan_subset,
 )
 from library.errors import DatasetError
+from library.fileio import WRITE_ERRORS, write_error_reason
 
 log = logging.getLogger("pentadactyl.dataset")
 
@@ -331,6 +333,25 @@ class TrainDataset:
         return process_caption(base, self._caption_options(sub), self._rng(epoch, _CAPTION_DRAWS, d, sid),
                                epoch=epoch, step=step, replacements=self.caption_replacements)
 
+    def full_captions(self) -> Iterator[tuple[Path, str]]:
+        """(image path, caption) for every usable image and each of its templates, with every tag kept: the
+        longest text each sample can be trained with (what a caption-length check needs)."""
+        for i, e in enumerate(self.entries):
+            if i in self._removed:
+                continue
+            sub = self._subset_of(e)
+            if e.caption is not None:
+                bases = [e.caption]
+            else:
+                templates = sub.caption_templates or self.caption_templates
+                token = sub.class_tokens if sub.class_tokens is not None else (self.template_token or "")
+                bases = [fill_template(t, token) for t in templates] if templates else [sub.class_tokens or ""]
+            whole = replace(sub.caption, dropout_rate=0.0, tag_dropout_rate=0.0, dropout_every_n_epochs=0,
+                            token_warmup_step=0, shuffle=False)
+            for base in bases:
+                yield e.path, process_caption(base, whole, self._rng(1, _CAPTION_DRAWS), epoch=1,
+                                              replacements=self.caption_replacements)
+
     # ---- pixels and latents ---------------------------------------------------------------------
 
     def _pixels(self, e: ImageEntry, draws: SampleDraws, also_flipped: bool = False) -> list[torch.Tensor]:
@@ -492,8 +513,9 @@ class TrainDataset:
             if to_disk:
                 try:
                     write_cache(cache_path(self.entries[i].path), key, lat, flipped)
-                except OSError as exc:
-                    raise DatasetError(f"{cache_path(self.entries[i].path)}: cannot write the latent cache ({exc}); "
+                except WRITE_ERRORS as exc:
+                    raise DatasetError(f"{cache_path(self.entries[i].path)}: cannot write the latent cache "
+                                       f"({write_error_reason(exc)}); "
                                        "make the image folder writable or set cache_latents_to_disk = false.") from None
 
     # ---- batches --------------------------------------------------------------------------------

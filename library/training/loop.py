@@ -11,6 +11,7 @@ uninterrupted single-process run sees.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -25,18 +26,25 @@ import torch
 
 from library.config import Job
 from library.errors import ConfigError, PentadactylError
+from library.fileio import (
+    WRITE_ERRORS, FolderLock, check_writable_folder, remove_stale_temporaries, write_error_reason,
+)
 from library.models.loading import load_sd1
-from library.text_encoding import encode_texts
+from library.text_encoding import encode_texts, long_captions
 from library.training import noise as nz
 from library.training.metadata import build_metadata
 from library.training.method import Method, TrainContext
-from library.training.optimizers import build_optimizer, build_scheduler
-from library.training.state import Progress, load_state, restore_rng, save_state
+from library.training.optimizers import build_optimizer, build_scheduler, optimizer_class
+from library.training.state import LoadedState, Progress, load_state, recover_state, restore_rng, save_state
 
 log = logging.getLogger("pentadactyl")
 
 class TrainingStopped(PentadactylError):
     """Training stopped early because the loss became NaN/inf (the last good state was saved)."""
+
+
+class SaveFailed(PentadactylError):
+    """A weights file or the training state could not be written (full disk, folder gone read-only)."""
 
 
 @dataclass
@@ -129,13 +137,69 @@ def _peak_memory_text(device: torch.device) -> str:
 
 
 def train(job: Job, method: Method) -> TrainResult:
+    """Run a job to the end (or to a Ctrl-C). What can be checked without the model is checked first: the
+    output folder is writable and no other run uses it, the optimizer exists, a resumed state is readable."""
+    started = time.time()
+    accelerator = make_accelerator(job)
+    optimizer_class(job.optimizer_type, job.optimizer_args)
+    with contextlib.ExitStack() as held:
+        if accelerator.is_main_process:  # only the main process writes files
+            output_dir = check_writable_folder(job.output_dir, "output_dir")
+            held.enter_context(FolderLock(output_dir))
+            for leftover in remove_stale_temporaries(output_dir):
+                log.info(f"removed {leftover.name}, left in {output_dir} by an interrupted save")
+            for folder in {output_dir / f"{job.output_name}-state", *([Path(job.resume)] if job.resume else [])}:
+                if recover_state(folder):
+                    log.warning(f"{folder}: recovered the training state that an interrupted save left beside it")
+        accelerator.wait_for_everyone()
+        state = load_state(Path(job.resume)) if job.resume else None
+        if state is not None:
+            check_state_fits_job(state, job, method)
+        return _train(job, method, accelerator, state, started)
+
+
+def check_state_fits_job(state: LoadedState, job: Job, method: Method) -> None:
+    """Refuse a resume that could not continue the saved run exactly (what the epochs look like is checked
+    once the dataset is known: `check_position_fits`)."""
+    where = f"resume = \"{job.resume}\""
+    if state.progress.method != method.name:
+        raise ConfigError(f"{where}: this state is from a {state.progress.method} run, not {method.name}.")
+    if state.progress.seed != job.seed:
+        raise ConfigError(f"{where}: the state was saved by a run with seed = {state.progress.seed}, this job has "
+                          f"seed = {job.seed}. The noise and order of the remaining steps derive from the seed: set "
+                          f"seed = {state.progress.seed} to resume exactly, or start a new run without resume.")
+
+
+def check_position_fits(progress: Progress, resume: str, batches_per_epoch: int, batches_per_step: int,
+                        batch_size: int, world: int) -> None:
+    """The saved position must mean the same in this run: same batches per epoch and per step."""
+    saved = (progress.batches_per_epoch, progress.batches_per_step)
+    now = (batches_per_epoch, batches_per_step)
+    if progress.batches_per_epoch is None:  # a state of an earlier version records only the position
+        changed = progress.batches_done_in_epoch >= batches_per_epoch
+    else:
+        changed = saved != now
+    if not changed:
+        return
+    if progress.batches_per_epoch is None:
+        was = f"{progress.batches_done_in_epoch} batches of epoch {progress.epoch} were already done"
+    else:
+        was = (f"{progress.batches_per_epoch} batches of {progress.batch_size} images per epoch, "
+               f"{progress.batches_per_step} batches per optimizer step ({progress.num_processes} process(es))")
+    raise ConfigError(
+        f"resume = \"{resume}\": the state was saved when {was}; this run has {batches_per_epoch} batches of "
+        f"{batch_size} per epoch, {batches_per_step} per step ({world} process(es)). The images, num_repeats, "
+        "train_batch_size, gradient_accumulation_steps or the number of processes changed since, so the saved "
+        "position means nothing here. Restore them to resume exactly, or start a new run from the weights saved "
+        "so far (network_weights = for a LoRA, weights = for an embedding).")
+
+
+def _train(job: Job, method: Method, accelerator, state: LoadedState | None, started: float) -> TrainResult:
     from tqdm.auto import tqdm
 
     from library.dataset import TrainDataset
     from library.dataset.validation import hold_out, validation_batches
 
-    started = time.time()
-    accelerator = make_accelerator(job)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     is_main = accelerator.is_main_process
     weight_dtype = weight_dtype_of(job.mixed_precision)
@@ -171,6 +235,7 @@ def train(job: Job, method: Method) -> TrainResult:
     held_out = hold_out(dataset, job.validation_split) if job.validation_split else []
     if is_main:
         log.info(dataset.bucket_table())
+        _warn_long_captions(dataset, model.tokenizer, job.max_token_length)
     model.vae.to(device, torch.float32)
     # the validation images are encoded once, before the VAE may leave the device
     validation_set = with_fixed_timesteps(
@@ -193,6 +258,7 @@ def train(job: Job, method: Method) -> TrainResult:
         raise ConfigError(f"{job.source}: fewer batches than processes ({dataset.num_batches(1)} batches, "
                           f"{world} processes); add images or lower train_batch_size.")
     steps_per_epoch = math.ceil(epoch_batches / batches_per_step)
+    batch_size = max(ds.batch_size for ds in dataset.configs)  # for messages about a changed dataset
     total_steps = job.max_train_epochs * steps_per_epoch if job.max_train_epochs else job.max_train_steps
     total_epochs = math.ceil(total_steps / steps_per_epoch)
     dataset.set_max_train_steps(total_steps)
@@ -206,17 +272,19 @@ def train(job: Job, method: Method) -> TrainResult:
 
     # ---- resume: the position is (epoch, batches of it done), both global across processes
     global_step, epoch, done_in_epoch = 0, 1, 0
-    if job.resume:
-        state = load_state(Path(job.resume))
-        if state.progress.method != method.name:
-            raise ConfigError(f"resume = \"{job.resume}\": this state is from a {state.progress.method} run, "
-                              f"not {method.name}.")
+    if state is not None:
+        check_position_fits(state.progress, job.resume, epoch_batches, batches_per_step, batch_size, world)
         method.load_trainable_state(state.trainable)
-        optimizer.optimizer.load_state_dict(state.optimizer)
-        scheduler.load_state_dict(state.scheduler)
-        if state.scaler is not None and accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(state.scaler)
-        restore_rng(state.rng)
+        try:
+            optimizer.optimizer.load_state_dict(state.optimizer)
+            scheduler.load_state_dict(state.scheduler)
+            if state.scaler is not None and accelerator.scaler is not None:
+                accelerator.scaler.load_state_dict(state.scaler)
+            restore_rng(state.rng)
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise ConfigError(f"resume = \"{job.resume}\": the saved optimizer, schedule or random state does not fit "
+                              f"this job ({exc}). Resume with the optimizer_type, optimizer_args and trained parts "
+                              "the state was saved with, or start a new run.") from None
         if ema is not None and state.ema is not None:
             ema = state.ema
         global_step, epoch, done_in_epoch = (state.progress.global_step, state.progress.epoch,
@@ -275,9 +343,15 @@ def train(job: Job, method: Method) -> TrainResult:
         if ema is not None:
             raw = {k: v.detach().clone() for k, v in method.trainable_state().items()}
             method.load_trainable_state(ema)
-        files = method.save(path, metadata, job.save_precision)
+        failed = None
+        try:
+            files = method.save(path, metadata, job.save_precision)
+        except WRITE_ERRORS as exc:
+            failed = exc
         if ema is not None:
             method.load_trainable_state(raw)
+        if failed is not None:  # the trained (not the EMA) weights go into the state
+            raise SaveFailed(f"could not write {path}: {write_error_reason(failed)}. {keep_state()}")
         log.info(f"saved {', '.join(str(f) for f in files)}")
         return files
 
@@ -285,11 +359,26 @@ def train(job: Job, method: Method) -> TrainResult:
         if not is_main:
             return None
         folder = output_dir / f"{job.output_name}-state"
-        progress = Progress(global_step, epoch, done_in_epoch, world, job.seed, method.name)
-        save_state(folder, progress, method.trainable_state(), optimizer.optimizer, scheduler,
-                   accelerator.scaler, ema)
+        progress = Progress(global_step, epoch, done_in_epoch, world, job.seed, method.name,
+                            epoch_batches, batches_per_step, batch_size)
+        try:
+            save_state(folder, progress, method.trainable_state(), optimizer.optimizer, scheduler,
+                       accelerator.scaler, ema)
+        except WRITE_ERRORS as exc:
+            earlier = " (the state saved before it is intact)" if folder.is_dir() else ""
+            raise SaveFailed(f"could not write the training state {folder}: {write_error_reason(exc)}{earlier}. "
+                             "Free some space or fix the folder, then run again.") from None
         log.info(f"saved training state to {folder}")
         return folder
+
+    def keep_state() -> str:
+        """After a failed weights file: save the state, so that nothing trained is lost; say how to go on."""
+        try:
+            folder = write_state()
+        except SaveFailed as exc:
+            return f"The training state could not be saved either ({exc})."
+        return (f"The training state is saved in {folder}: free some space or fix the folder, then run the same job "
+                f"with --resume {folder} to write the weights without training again.")
 
     def run_validation() -> None:
         if not validation_set:
@@ -340,6 +429,8 @@ def train(job: Job, method: Method) -> TrainResult:
     method.train_mode(True)
     with _StopFlag() as stop:
         while global_step < total_steps and not result.interrupted:
+            if done_in_epoch >= epoch_batches:  # check_position_fits refuses this; never spin on it
+                raise AssertionError(f"epoch {epoch} position {done_in_epoch} is past its {epoch_batches} batches")
             batches = dataset.batches(epoch, start=done_in_epoch, global_step=global_step,
                                       accumulation_steps=batches_per_step)
             while done_in_epoch < epoch_batches and global_step < total_steps:
@@ -418,6 +509,18 @@ def train(job: Job, method: Method) -> TrainResult:
         log.info(f"done: {global_step} steps in {result.seconds:.0f} s; {result.peak_memory}; "
                  f"weights: {', '.join(str(f) for f in result.final_files)}")
     return result
+
+
+def _warn_long_captions(dataset, tokenizer, max_token_length: int) -> None:
+    """Captions past max_token_length are cut in training (as in every SD1 UI): say so once, with the worst."""
+    found = long_captions(tokenizer, dataset.full_captions(), max_token_length)
+    if not found:
+        return
+    path, n = found[0]
+    more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+    hint = "set max_token_length = 150 or 225, or shorten them" if max_token_length < 225 else "shorten them"
+    log.warning(f"{len(found)} caption(s) are longer than max_token_length = {max_token_length} tokens and are cut "
+                f"there in training: {path} ({n} tokens){more}; {hint}.")
 
 
 VALIDATION_TIMESTEPS = 4  # each held-out image is scored at this many timesteps

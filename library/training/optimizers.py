@@ -39,8 +39,13 @@ def _bitsandbytes(name: str):
     return bnb
 
 
-def build_optimizer(name: str, param_groups: list[dict], learning_rate: float, args: list[str] | None):
-    """An optimizer over `param_groups` (each may carry its own "lr"). Never falls back silently."""
+def optimizer_class(name: str, args: list[str] | None) -> tuple[type, dict[str, Any]]:
+    """(class, keyword arguments) for an optimizer name and its optimizer_args; cheap, so a job is checked
+    before the model loads. Never falls back silently."""
+    import inspect
+
+    from library.schema import did_you_mean
+
     kwargs = parse_optimizer_args(args)
     lower = name.lower()
     if lower == "adamw":
@@ -61,11 +66,26 @@ def build_optimizer(name: str, param_groups: list[dict], learning_rate: float, a
         except (ImportError, AttributeError) as exc:
             raise ConfigError(f"optimizer_type = \"{name}\": cannot import {class_name} from {module_name} ({exc}).") from None
     else:
-        raise ConfigError(f"optimizer_type = \"{name}\" is unknown; use one of {', '.join(OPTIMIZERS)} "
-                          "or a full class path such as \"torch.optim.Adam\".")
+        raise ConfigError(f"optimizer_type = \"{name}\" is unknown.{did_you_mean(name, OPTIMIZERS)} Use one of "
+                          f"{', '.join(OPTIMIZERS)} or a full class path such as \"torch.optim.Adam\".")
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):  # no signature to read: the constructor will say
+        params = {}
+    if params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = [k for k in kwargs if k not in params]
+        if unknown:
+            raise ConfigError(f"optimizer_args: {cls.__name__} takes no argument {', '.join(map(repr, unknown))}."
+                              f"{did_you_mean(unknown[0], [k for k in params if k not in ('params', 'self')])}")
+    return cls, kwargs
+
+
+def build_optimizer(name: str, param_groups: list[dict], learning_rate: float, args: list[str] | None):
+    """An optimizer over `param_groups` (each may carry its own "lr")."""
+    cls, kwargs = optimizer_class(name, args)
     try:
         return cls(param_groups, lr=learning_rate, **kwargs)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"optimizer_args do not fit {name}: {exc}") from None
 
 

@@ -1,23 +1,30 @@
 """Training state on disk, for an exact resume: weights, optimizer, scheduler, scaler, RNG and position.
 
 A state is a folder written atomically (a temporary folder renamed into place). Only tensors, numbers
-and plain containers are stored, and they are read back with `torch.load(weights_only=True)`.
+and plain containers are stored, and they are read back with `torch.load(weights_only=True)`. A state
+that a crash left between two renames is recovered; a damaged one is refused with the file's name.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass
+import logging
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from library.errors import ConfigError
-from library.fileio import atomic_dir
+from library.fileio import atomic_dir, recover_dir
+
+log = logging.getLogger("pentadactyl")
 
 STATE_VERSION = 1
+REQUIRED_FILES = ("progress.json", "trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt")
+_DAMAGED = ("this state cannot be resumed. Resume from another state folder, or start the run again "
+            "(the weights files saved so far are not affected).")
 
 
 @dataclass
@@ -28,6 +35,10 @@ class Progress:
     num_processes: int
     seed: int
     method: str
+    # how the run cut its epochs into steps (absent in states of earlier versions)
+    batches_per_epoch: int | None = None
+    batches_per_step: int | None = None
+    batch_size: int | None = None
 
 
 def save_state(folder: Path, progress: Progress, trainable: dict[str, torch.Tensor], optimizer, scheduler,
@@ -64,23 +75,70 @@ class LoadedState:
 
 def load_state(folder: Path) -> LoadedState:
     folder = Path(folder)
-    needed = ("progress.json", "trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt")
-    missing = [n for n in needed if not (folder / n).is_file()]
+    if not folder.is_dir():
+        raise ConfigError(f"resume = \"{folder}\": no such folder. Point resume at a folder written by save_state "
+                          "or by an interrupted run (<output_name>-state in the output_dir).")
+    missing = [n for n in REQUIRED_FILES if not (folder / n).is_file()]
     if missing:
         raise ConfigError(f"resume = \"{folder}\": not a training-state folder (missing {', '.join(missing)}). "
                           "Point resume at a folder written by save_state or by an interrupted run (…-state).")
-    info = json.loads((folder / "progress.json").read_text())
-    if info.pop("version", None) != STATE_VERSION:
-        raise ConfigError(f"resume = \"{folder}\": state written by an incompatible version of pentadactyl.")
-
-    def load(name):
-        path = folder / name
-        return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
-
+    progress = _read_progress(folder / "progress.json")
     ema_path = folder / "ema.safetensors"
-    return LoadedState(Progress(**info), load_file(str(folder / "trainable.safetensors")), load("optimizer.pt"),
-                       load("scheduler.pt"), load("scaler.pt"), load("rng.pt"),
-                       load_file(str(ema_path)) if ema_path.is_file() else None)
+    return LoadedState(progress, _read_tensors(folder / "trainable.safetensors"), _read_pickle(folder / "optimizer.pt"),
+                       _read_pickle(folder / "scheduler.pt"), _read_pickle(folder / "scaler.pt"),
+                       _read_pickle(folder / "rng.pt"), _read_tensors(ema_path) if ema_path.is_file() else None)
+
+
+def recover_state(folder: Path) -> bool:
+    """Finish a state save that a crash cut between its two renames (see `recover_dir`); True if it did."""
+    return recover_dir(folder, _is_complete) is not None
+
+
+def _is_complete(folder: Path) -> bool:
+    """A state folder whose every file was written (progress.json is the last one)."""
+    try:
+        return all((folder / n).is_file() for n in REQUIRED_FILES) and bool(
+            json.loads((folder / "progress.json").read_text()))
+    except (OSError, ValueError):
+        return False
+
+
+def _read_progress(path: Path) -> Progress:
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"{path} is damaged ({exc}); {_DAMAGED}") from None
+    if not isinstance(info, dict):
+        raise ConfigError(f"{path} is damaged (it holds no JSON object); {_DAMAGED}")
+    if info.pop("version", None) != STATE_VERSION:
+        raise ConfigError(f"{path}: state written by an incompatible version of pentadactyl; start the run again.")
+    known = {f.name: f for f in fields(Progress)}
+    required = [n for n, f in known.items() if f.default is MISSING]
+    absent = [n for n in required if n not in info]
+    wrong = [n for n in info if n not in known or (n in required and not isinstance(info[n], (int, str)))]
+    if absent or wrong:
+        problem = f"lacks {', '.join(absent)}" if absent else f"has unexpected {', '.join(wrong)}"
+        raise ConfigError(f"{path} is incomplete or damaged (it {problem}); {_DAMAGED}")
+    return Progress(**info)
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ConfigError(f"{path} is damaged ({path.stat().st_size} bytes; {exc}); {_DAMAGED}") from None
+
+
+def _read_pickle(path: Path):
+    from library.safe_pickle import load_pickle
+
+    if not path.is_file():
+        return None
+    return load_pickle(path, ConfigError, "training-state file", damaged=_DAMAGED,
+                       fix="A state written by pentadactyl holds only tensors and numbers: this file was replaced; "
+                           "delete the state folder and start the run again.")
 
 
 def restore_rng(rng: dict) -> None:
