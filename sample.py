@@ -17,7 +17,7 @@ from library.cli import run_main
 
 def main(argv: list[str]) -> None:
     from library.config import load_job
-    from library.sampling.run import report, run_sample_job  # importing it registers the "sample" script
+    from library.sampling.run import report, run_sample_job
 
     job = load_job("sample", argv)
     result = run_sample_job(job)

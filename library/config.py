@@ -14,13 +14,15 @@ from __future__ import annotations
 import json
 import re
 import sys
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping
 
+from library.dataset import resolve_datasets
 from library.errors import ConfigError
 from library.schema import Field, Unsupported, check_value, did_you_mean, load_toml, parse_cli_value
+from library.scripts import SCRIPTS, ScriptSchema
 
 # Tables of a job file that hold datasets rather than job keys.
 DATASET_TABLES = ("general", "datasets")
@@ -52,64 +54,10 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "weighted_captions": Unsupported("prompt weighting is applied only when sampling, not in training captions."),
 }
 
-# ------------------------------------------------------------------------------------------ job keys
-# Keys every script shares. Script-specific ones are added by `job_fields(script)`.
-
-MODEL_FIELDS: dict[str, Field] = {
-    "pretrained_model_name_or_path": Field(
-        "path", help="SD1.x checkpoint: a single .safetensors/.ckpt file (LDM layout) or a diffusers folder.",
-        nullable=False, section="model"),
-    "clip_skip": Field("int", 1, "use the output of the N-th last CLIP layer (1 = last, 2 = anime models).",
-                       minimum=1, maximum=12, section="model"),
-    "max_token_length": Field("int", 75, "caption length in tokens: 75, 150 or 225 (chunks of 75, as A1111).",
-                              choices=(75, 150, 225), section="model"),
-    "seed": Field("int", 42, "random seed of the whole run (initialisation, noise, shuffling).", section="model"),
-}
-
-OUTPUT_FIELDS: dict[str, Field] = {
-    "output_dir": Field("path", "output", "folder for the trained files.", section="output"),
-    "output_name": Field("str", None, "base name of the files written (default: the job file's name).",
-                         section="output"),
-}
-
-
-@dataclass(frozen=True)
-class ScriptSchema:
-    name: str
-    fields: Mapping[str, Field]
-    has_datasets: bool
-
-
-_SCHEMAS: dict[str, "ScriptSchema"] = {}
-
-# Where each script declares its keys; `schema()` imports the module on first use.
-SCRIPT_MODULES = {
-    "train_network": "library.training.jobs",
-    "train_textual_inversion": "library.training.textual_inversion",
-    "train_dreambooth": "library.training.dreambooth",
-    "sample": "library.sampling.job",
-}
-
-
-def register_script(name: str, groups: Iterable[Mapping[str, Field]], has_datasets: bool = True) -> None:
-    """Declare a script's job keys (called by the modules that implement the script)."""
-    fields: dict[str, Field] = {}
-    for group in groups:
-        for key, spec in group.items():
-            if key in fields and fields[key] != spec:
-                raise AssertionError(f"key {key} declared twice with different meanings")
-            fields[key] = spec
-    _SCHEMAS[name] = ScriptSchema(name, MappingProxyType(fields), has_datasets)
-
-
 def schema(script: str) -> ScriptSchema:
-    if script not in _SCHEMAS and script in SCRIPT_MODULES:
-        import importlib
-
-        importlib.import_module(SCRIPT_MODULES[script])
-    if script not in _SCHEMAS:
-        raise KeyError(f"unknown script {script!r}; known: {sorted(_SCHEMAS)}")
-    return _SCHEMAS[script]
+    if script not in SCRIPTS:
+        raise KeyError(f"unknown script {script!r}; known: {sorted(SCRIPTS)}")
+    return SCRIPTS[script]
 
 
 # ------------------------------------------------------------------------------------------ the job
@@ -279,8 +227,6 @@ def load_job(script: str, argv: list[str] | None = None, config_path: str | None
 
     datasets = None
     if spec.has_datasets:
-        from library.dataset import resolve_datasets
-
         dataset_source = values.get("dataset_config") or source
         job_dataset_values = {k: v for k, v in values.items() if k in fields}
         command_line = {k: values[k] for k in cli}  # the command line wins over the dataset tables too

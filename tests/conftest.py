@@ -31,3 +31,13 @@ def tiny_model_paths(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_single_file(tiny_model_paths):
     return tiny_model_paths[0]
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory):
+    """Eight 64-pixel red or blue circles with captions: the training tests' small dataset (read-only)."""
+    from library.toy_data import write_shape_folder
+
+    folder = tmp_path_factory.mktemp("data") / "shapes"
+    write_shape_folder(folder, count=8, size=(64, 64), seed=3, shapes=("circle",), colours=("red", "blue"))
+    return folder

@@ -15,7 +15,7 @@ from PIL import Image
 import library.dataset.dataset as dataset_module
 from library.dataset import TrainDataset, debug_dataset, resolve_datasets
 from library.dataset.cache import cache_path
-from library.dataset.debug import main as dry_run_main
+from library.dataset.__main__ import main as dry_run_main
 from library.dataset.images import load_rgb, read_header
 from library.errors import ConfigError, DatasetError
 from library.models.architecture import TINY_VAE_CONFIG, build_vae

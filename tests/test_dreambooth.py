@@ -15,7 +15,7 @@ from library.config import load_job
 from library.errors import ConfigError, DatasetError
 from library.models.loading import load_sd1
 from library.toy_data import write_shape_folder
-from library.training import dreambooth  # noqa: F401  (registers the job schema)
+from library.training import dreambooth
 from library.training.class_images import generate_class_images, plan_class_images
 
 from helpers import fixed_noise_loss

@@ -30,13 +30,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def shapes_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data") / "shapes"
-    write_shape_folder(folder, count=8, size=(64, 64), seed=3, shapes=("circle",), colours=("red", "blue"))
-    return folder
-
-
-@pytest.fixture(scope="module")
 def saved_state(tmp_path_factory, tiny_single_file, shapes_dir):
     """A state after 5 of 8 steps (8 images, batch 2: 4 batches an epoch, so mid-epoch 2); copy before changing."""
     root = tmp_path_factory.mktemp("saved")

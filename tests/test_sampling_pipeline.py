@@ -168,7 +168,7 @@ def write_job(tmp_path, model, **keys) -> str:
 def test_sample_job_sweep_with_embedding_and_grid(tiny_single_file, lora_file, tmp_path):
     from library.config import load_job
     from library.embeddings import save_embedding_safetensors
-    from library.sampling.run import report, run_sample_job  # importing it registers "sample"
+    from library.sampling.run import report, run_sample_job
 
     (tmp_path / "emb").mkdir()
     save_embedding_safetensors(tmp_path / "emb" / "NegTwo.safetensors", torch.randn(2, 64) * 0.01)

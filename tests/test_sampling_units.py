@@ -323,7 +323,7 @@ def test_shipped_sample_jobs_validate(name):
     from pathlib import Path
 
     from library.config import load_job
-    from library.sampling.job import specs_from_job  # importing it registers "sample"
+    from library.sampling.job import specs_from_job
 
     path = Path(__file__).resolve().parent.parent / "dataset_configs" / name
     job = load_job("sample", ["--config", str(path)])

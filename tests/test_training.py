@@ -15,19 +15,11 @@ import torch
 
 from library.errors import ConfigError
 from library.models.loading import load_sd1
-from library.toy_data import write_shape_folder
 from library.training.loop import TrainingStopped
 
 from helpers import fixed_noise_loss, run_job, write_job
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def shapes_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data") / "shapes"
-    write_shape_folder(folder, count=8, size=(64, 64), seed=3, shapes=("circle",), colours=("red", "blue"))
-    return folder
 
 
 def test_lora_training_lowers_fixed_noise_loss_and_file_reproduces_model(tmp_path, tiny_single_file, shapes_dir):

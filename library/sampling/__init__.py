@@ -51,7 +51,7 @@ from library.sampling.schedulers import SAMPLERS, make_scheduler, resolve_sample
 
 
 def make_training_sampler(job, model, device, eval_modules=(), size=None, trains_network=False):
-    """See library.sampling.training (imported lazily: it registers the "sample" job schema)."""
+    """See library.sampling.training (imported on first use: it needs the model-side modules)."""
     from library.sampling.training import make_training_sampler as make
 
     return make(job, model, device, eval_modules, size, trains_network)

@@ -41,40 +41,14 @@ from pathlib import Path
 
 import torch
 
-from library.config import Job, register_script
+from library.config import Job
 from library.errors import ConfigError
 from library.schema import Field
-from library.training.jobs import COMMON_TRAINING_GROUPS
 from library.training.fields import NETWORK_FIELDS
 from library.training.method import SAVE_DTYPES, Method, TrainContext
 from library.training.network_method import NetworkMethod, part_learning_rates
 
 log = logging.getLogger("pentadactyl")
-
-DREAMBOOTH_FIELDS: dict[str, Field] = {
-    "dreambooth_mode": Field("str", "lora", "lora: a LoRA network (network_* keys) saved as a LoRA file; full: "
-                             "fine-tune the U-Net (and text encoder) and save a single-file checkpoint.",
-                             choices=("lora", "full"), section="dreambooth"),
-    "class_prompt": Field("str", None, "prompt of the class images, e.g. \"a photo of hand\": used to generate "
-                          "them and as the caption of class images without a caption file (default: each is_reg "
-                          "subset's class_tokens).", section="dreambooth"),
-    "num_class_images": Field("int", 0, "images each is_reg folder should hold; missing ones are generated with the "
-                              "base model at class_prompt (0 = use the folders as they are).", minimum=0,
-                              section="dreambooth"),
-    "class_negative_prompt": Field("str", "", "negative prompt of generated class images.", section="dreambooth"),
-    "class_image_steps": Field("int", 30, "sampling steps per generated class image.", minimum=1, section="dreambooth"),
-    "class_image_cfg_scale": Field("float", 7.5, "CFG scale of generated class images.", minimum=0,
-                                   section="dreambooth"),
-    "class_image_sampler": Field("str", "ddim", "sampler of generated class images (sd-scripts or A1111 names).",
-                                 section="dreambooth"),
-    "class_image_batch_size": Field("int", 4, "class images generated per batch.", minimum=1, section="dreambooth"),
-    "stop_text_encoder_training": Field("int", None, "train the text encoder (network part or full) only until this "
-                                        "step; unset: the whole run; 0 or -1: never.", section="dreambooth"),
-    "save_diffusers_folder": Field("bool", False, "full mode: also write the final model as a diffusers folder "
-                                   "(output_dir/output_name/, float32).", section="output"),
-}
-
-register_script("train_dreambooth", COMMON_TRAINING_GROUPS + (NETWORK_FIELDS, DREAMBOOTH_FIELDS))
 
 LORA_ONLY_KEYS = tuple(k for k in NETWORK_FIELDS if k.startswith("network_"))
 

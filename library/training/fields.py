@@ -105,3 +105,62 @@ NETWORK_FIELDS: dict[str, Field] = {
     "text_encoder_lr": Field("float", None, "learning rate of the text-encoder part (default learning_rate; "
                              "0 = frozen).", minimum=0, section="network"),
 }
+
+MAX_VECTORS = 75  # one CLIP chunk
+
+TEXTUAL_INVERSION_FIELDS: dict[str, Field] = {
+    "token_string": Field("str", None, "the new prompt token, e.g. \"<handpalm>\"; it must not be a word CLIP "
+                          "already knows. Several vectors add token1, token2, ….", nullable=False,
+                          section="textual_inversion"),
+    "init_word": Field("str", None, "word(s) whose token vectors start the embedding, e.g. \"hand\" or "
+                       "\"open palm\"; one vector per token, repeated when num_vectors_per_token is larger. "
+                       "Unset: the mean of all token vectors.", section="textual_inversion"),
+    "num_vectors_per_token": Field("int", None, "vectors of the embedding (default: as many as init_word has "
+                                   "tokens, at least 1; with weights: as many as the file has).", minimum=1,
+                                   maximum=MAX_VECTORS, section="textual_inversion"),
+    "use_object_template": Field("bool", False, "images without a caption file get object captions "
+                                 "(\"a photo of a <token>\", …); the default. Unlike sd-scripts, images with "
+                                 "a caption file keep their caption.", section="textual_inversion"),
+    "use_style_template": Field("bool", False, "images without a caption file get style captions "
+                                "(\"a painting in the style of <token>\", …).", section="textual_inversion"),
+    "weights": Field("path", None, "start from this embedding file (.safetensors / A1111 .pt / diffusers .bin), "
+                     "e.g. to continue training it.", section="textual_inversion"),
+    "contrastive_data_dir": Field("path", None, "contrastive mode: a folder of GOOD images. The embedding learns "
+                                  "to explain the training (bad) images better than these, by a margin, so that "
+                                  "as a negative it targets the flaw, not the subject.", section="textual_inversion"),
+    "contrastive_margin": Field("float", 0.1, "contrastive mode: required gap m of ln(loss on good) − ln(loss on "
+                                "bad); 0.1 ≈ the good images' loss at least 10% higher.", minimum=0,
+                                section="textual_inversion"),
+    "contrastive_weight": Field("float", 1.0, "contrastive mode: weight λ of the hinge term.", minimum=0,
+                                section="textual_inversion"),
+}
+
+TI_SAVING_FIELDS: dict[str, Field] = {
+    **SAVING_FIELDS,
+    "save_model_as": Field("str", "safetensors", "embedding file format: safetensors ({\"emb_params\": [n, 768]}, "
+                           "read by A1111, ComfyUI, sd-scripts, diffusers) or pt (A1111's layout).",
+                           choices=("safetensors", "pt"), section="output"),
+}
+
+DREAMBOOTH_FIELDS: dict[str, Field] = {
+    "dreambooth_mode": Field("str", "lora", "lora: a LoRA network (network_* keys) saved as a LoRA file; full: "
+                             "fine-tune the U-Net (and text encoder) and save a single-file checkpoint.",
+                             choices=("lora", "full"), section="dreambooth"),
+    "class_prompt": Field("str", None, "prompt of the class images, e.g. \"a photo of hand\": used to generate "
+                          "them and as the caption of class images without a caption file (default: each is_reg "
+                          "subset's class_tokens).", section="dreambooth"),
+    "num_class_images": Field("int", 0, "images each is_reg folder should hold; missing ones are generated with the "
+                              "base model at class_prompt (0 = use the folders as they are).", minimum=0,
+                              section="dreambooth"),
+    "class_negative_prompt": Field("str", "", "negative prompt of generated class images.", section="dreambooth"),
+    "class_image_steps": Field("int", 30, "sampling steps per generated class image.", minimum=1, section="dreambooth"),
+    "class_image_cfg_scale": Field("float", 7.5, "CFG scale of generated class images.", minimum=0,
+                                   section="dreambooth"),
+    "class_image_sampler": Field("str", "ddim", "sampler of generated class images (sd-scripts or A1111 names).",
+                                 section="dreambooth"),
+    "class_image_batch_size": Field("int", 4, "class images generated per batch.", minimum=1, section="dreambooth"),
+    "stop_text_encoder_training": Field("int", None, "train the text encoder (network part or full) only until this "
+                                        "step; unset: the whole run; 0 or -1: never.", section="dreambooth"),
+    "save_diffusers_folder": Field("bool", False, "full mode: also write the final model as a diffusers folder "
+                                   "(output_dir/output_name/, float32).", section="output"),
+}

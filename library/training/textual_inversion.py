@@ -30,11 +30,10 @@ from pathlib import Path
 
 import torch
 
-from library.config import MODEL_FIELDS, OUTPUT_FIELDS, Job, register_script
-from library.dataset import DATASET_JOB_FIELDS
+from library.config import Job
 from library.errors import ConfigError
 from library.schema import Field
-from library.training.fields import SAMPLING_DURING_TRAINING_FIELDS, SAVING_FIELDS, TRAINING_FIELDS
+from library.training.fields import MAX_VECTORS
 from library.training.method import Method, TrainContext
 
 log = logging.getLogger("pentadactyl")
@@ -55,53 +54,6 @@ STYLE_TEMPLATES = (
     "a large picture in the style of {}", "a detailed illustration in the style of {}",
     "a sketch in the style of {}", "a photo in the style of {}",
 )
-
-MAX_VECTORS = 75  # one CLIP chunk
-
-TEXTUAL_INVERSION_FIELDS: dict[str, Field] = {
-    "token_string": Field("str", None, "the new prompt token, e.g. \"<handpalm>\"; it must not be a word CLIP "
-                          "already knows. Several vectors add token1, token2, ….", nullable=False,
-                          section="textual_inversion"),
-    "init_word": Field("str", None, "word(s) whose token vectors start the embedding, e.g. \"hand\" or "
-                       "\"open palm\"; one vector per token, repeated when num_vectors_per_token is larger. "
-                       "Unset: the mean of all token vectors.", section="textual_inversion"),
-    "num_vectors_per_token": Field("int", None, "vectors of the embedding (default: as many as init_word has "
-                                   "tokens, at least 1; with weights: as many as the file has).", minimum=1,
-                                   maximum=MAX_VECTORS, section="textual_inversion"),
-    "use_object_template": Field("bool", False, "images without a caption file get object captions "
-                                 "(\"a photo of a <token>\", …); the default. Unlike sd-scripts, images with "
-                                 "a caption file keep their caption.", section="textual_inversion"),
-    "use_style_template": Field("bool", False, "images without a caption file get style captions "
-                                "(\"a painting in the style of <token>\", …).", section="textual_inversion"),
-    "weights": Field("path", None, "start from this embedding file (.safetensors / A1111 .pt / diffusers .bin), "
-                     "e.g. to continue training it.", section="textual_inversion"),
-    "contrastive_data_dir": Field("path", None, "contrastive mode: a folder of GOOD images. The embedding learns "
-                                  "to explain the training (bad) images better than these, by a margin, so that "
-                                  "as a negative it targets the flaw, not the subject.", section="textual_inversion"),
-    "contrastive_margin": Field("float", 0.1, "contrastive mode: required gap m of ln(loss on good) − ln(loss on "
-                                "bad); 0.1 ≈ the good images' loss at least 10% higher.", minimum=0,
-                                section="textual_inversion"),
-    "contrastive_weight": Field("float", 1.0, "contrastive mode: weight λ of the hinge term.", minimum=0,
-                                section="textual_inversion"),
-}
-
-TI_SAVING_FIELDS: dict[str, Field] = {
-    **SAVING_FIELDS,
-    "save_model_as": Field("str", "safetensors", "embedding file format: safetensors ({\"emb_params\": [n, 768]}, "
-                           "read by A1111, ComfyUI, sd-scripts, diffusers) or pt (A1111's layout).",
-                           choices=("safetensors", "pt"), section="output"),
-}
-
-_DATASET_FILE_FIELD = {
-    "dataset_config": Field("path", None, "a dataset TOML ([general], [[datasets]], [[datasets.subsets]]); "
-                            "or put those tables in the job itself, or use train_data_dir.", section="dataset"),
-}
-
-register_script("train_textual_inversion", (
-    MODEL_FIELDS, OUTPUT_FIELDS, TRAINING_FIELDS, TI_SAVING_FIELDS, SAMPLING_DURING_TRAINING_FIELDS,
-    DATASET_JOB_FIELDS, _DATASET_FILE_FIELD, TEXTUAL_INVERSION_FIELDS,
-))
-
 
 # ------------------------------------------------------------------------------------------ tokens
 

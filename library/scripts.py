@@ -1,0 +1,48 @@
+"""Which keys each script's job takes: the one table of scripts and their groups of fields.
+
+A leaf of the import graph: it imports field declarations only, so the job loader (library/config.py)
+knows every script's keys without importing the code that runs the script.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Mapping
+
+from library.dataset.config import DATASET_JOB_FIELDS
+from library.fields import DATASET_FILE_FIELD, MODEL_FIELDS, OUTPUT_FIELDS
+from library.sampling.fields import SAMPLE_FIELDS
+from library.schema import Field
+from library.training.fields import (
+    DREAMBOOTH_FIELDS, NETWORK_FIELDS, SAMPLING_DURING_TRAINING_FIELDS, SAVING_FIELDS, TEXTUAL_INVERSION_FIELDS,
+    TI_SAVING_FIELDS, TRAINING_FIELDS,
+)
+
+
+@dataclass(frozen=True)
+class ScriptSchema:
+    name: str
+    fields: Mapping[str, Field]
+    has_datasets: bool
+
+
+def _script(name: str, groups: tuple[Mapping[str, Field], ...], has_datasets: bool = True) -> ScriptSchema:
+    fields: dict[str, Field] = {}
+    for group in groups:
+        for key, spec in group.items():
+            if key in fields and fields[key] != spec:
+                raise AssertionError(f"{name}: key {key} declared twice with different meanings")
+            fields[key] = spec
+    return ScriptSchema(name, MappingProxyType(fields), has_datasets)
+
+
+_TRAINING = (MODEL_FIELDS, OUTPUT_FIELDS, TRAINING_FIELDS, SAMPLING_DURING_TRAINING_FIELDS, DATASET_JOB_FIELDS,
+             DATASET_FILE_FIELD)
+
+SCRIPTS: Mapping[str, ScriptSchema] = MappingProxyType({s.name: s for s in (
+    _script("train_network", _TRAINING + (SAVING_FIELDS, NETWORK_FIELDS)),
+    _script("train_textual_inversion", _TRAINING + (TI_SAVING_FIELDS, TEXTUAL_INVERSION_FIELDS)),
+    _script("train_dreambooth", _TRAINING + (SAVING_FIELDS, NETWORK_FIELDS, DREAMBOOTH_FIELDS)),
+    _script("sample", (MODEL_FIELDS, SAMPLE_FIELDS, OUTPUT_FIELDS), has_datasets=False),
+)})
