@@ -16,10 +16,10 @@ from library.cli import run_main
 
 
 def main(argv: list[str]) -> None:
-    from library.config import load_job
+    from library.cli import job_from_command_line
     from library.sampling.run import report, run_sample_job
 
-    job = load_job("sample", argv)
+    job = job_from_command_line("sample", argv)
     result = run_sample_job(job)
     print(report(result))
 

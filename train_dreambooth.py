@@ -28,9 +28,9 @@ def create_class_folder_for_folder_mode(argv: list[str]) -> None:
 
     fields = schema("train_dreambooth").fields
     try:
-        config, print_only, values = parse_cli(argv, fields)
-        if print_only:
+        if "--print_config" in argv:
             return
+        config, values = parse_cli(argv, fields)
         if config is not None:
             values = {**flatten_job_table(load_toml(config), fields)[0], **values}
     except PentadactylError:
@@ -48,12 +48,12 @@ def create_class_folder_for_folder_mode(argv: list[str]) -> None:
 
 
 def main(argv: list[str]):
-    from library.config import load_job
+    from library.cli import job_from_command_line
     from library.training import dreambooth
     from library.training.loop import run_training_job
 
     create_class_folder_for_folder_mode(argv)
-    job = dreambooth.prepare_job(load_job("train_dreambooth", argv))
+    job = dreambooth.prepare_job(job_from_command_line("train_dreambooth", argv))
     return run_training_job(job, dreambooth.make_method(job))
 
 

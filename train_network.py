@@ -10,11 +10,11 @@ from library.cli import run_main
 
 
 def main(argv: list[str]):
-    from library.config import load_job
+    from library.cli import job_from_command_line
     from library.training.loop import run_training_job
     from library.training.network_method import NetworkMethod
 
-    job = load_job("train_network", argv)
+    job = job_from_command_line("train_network", argv)
     return run_training_job(job, NetworkMethod(job))
 
 

@@ -14,11 +14,11 @@ from library.cli import run_main
 
 
 def main(argv: list[str]):
-    from library.config import load_job
+    from library.cli import job_from_command_line
     from library.training.loop import run_training_job
     from library.training.textual_inversion import TextualInversionMethod
 
-    job = load_job("train_textual_inversion", argv)
+    job = job_from_command_line("train_textual_inversion", argv)
     return run_training_job(job, TextualInversionMethod(job))
 
 

@@ -22,6 +22,18 @@ def setup_logging(verbose: bool = False) -> None:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 
+def job_from_command_line(script: str, argv: list[str]):
+    """The script's job from `--config job.toml --key value …`; with `--print_config`, print the resolved
+    job as TOML and exit instead."""
+    from library.config import load_job
+
+    job = load_job(script, [a for a in argv if a != "--print_config"])
+    if "--print_config" in argv:
+        sys.stdout.write(job.to_toml())
+        raise SystemExit(0)
+    return job
+
+
 def run_main(main: Callable[[list[str]], object], argv: list[str] | None = None) -> None:
     """Run a script's main; a PentadactylError prints its message and exits with status 2."""
     setup_logging()

@@ -1,6 +1,6 @@
 """Job configuration: one TOML file (plus command-line overrides) → one validated, read-only `Job`.
 
-    job = load_job("train_network", sys.argv[1:])
+    job = load_job("train_network", sys.argv[1:])   # scripts use library.cli.job_from_command_line (it adds --print_config)
     job.learning_rate, job.datasets, job.source
 
 Keys use sd-scripts' argument names, so an existing sd-scripts config mostly works. sd-scripts'
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -145,9 +144,9 @@ def flatten_job_table(table: Mapping[str, Any], fields: Mapping[str, Field]) -> 
     return flat, datasets
 
 
-def parse_cli(argv: list[str], fields: Mapping[str, Field]) -> tuple[str | None, bool, dict[str, Any]]:
-    """(--config path, --print_config, {key: value}) from the command line; `--flag` alone means true."""
-    config, print_config, overrides = None, False, {}
+def parse_cli(argv: list[str], fields: Mapping[str, Field]) -> tuple[str | None, dict[str, Any]]:
+    """(--config path, {key: value}) from the command line; `--flag` alone means true."""
+    config, overrides = None, {}
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -162,8 +161,6 @@ def parse_cli(argv: list[str], fields: Mapping[str, Field]) -> tuple[str | None,
             if value is None:
                 raise ConfigError("command line: --config needs a path to a job TOML file.")
             config = value
-        elif key == "print_config":
-            print_config = True
         elif key in UNSUPPORTED:
             raise ConfigError(f"command line: --{key} is not supported by pentadactyl: {UNSUPPORTED[key].reason}")
         elif key not in fields:
@@ -174,7 +171,7 @@ def parse_cli(argv: list[str], fields: Mapping[str, Field]) -> tuple[str | None,
             overrides[key] = True
         else:
             overrides[key] = parse_cli_value(key, value, fields[key])
-    return config, print_config, overrides
+    return config, overrides
 
 
 def load_job(script: str, argv: list[str] | None = None, config_path: str | None = None,
@@ -182,10 +179,9 @@ def load_job(script: str, argv: list[str] | None = None, config_path: str | None
     """Resolve a job: defaults ← TOML file ← command line. Raises ConfigError with file, key and fix."""
     spec = schema(script)
     fields = spec.fields
-    print_config = False
     cli: dict[str, Any] = {}
     if argv is not None:
-        config_path, print_config, cli = parse_cli(argv, fields)
+        config_path, cli = parse_cli(argv, fields)
     cli.update(overrides or {})
 
     file_values: dict[str, Any] = {}
@@ -232,8 +228,4 @@ def load_job(script: str, argv: list[str] | None = None, config_path: str | None
         command_line = {k: values[k] for k in cli}  # the command line wins over the dataset tables too
         datasets = resolve_datasets(job_dataset_values, dataset_tables or None, str(dataset_source), Path.cwd(),
                                     command_line)
-    job = Job(script, resolved, source, values.keys(), datasets)
-    if print_config:
-        sys.stdout.write(job.to_toml())
-        raise SystemExit(0)
-    return job
+    return Job(script, resolved, source, values.keys(), datasets)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from library.cli import job_from_command_line
 from library.config import load_job
 from library.errors import ConfigError
 from library.fileio import FolderLock
@@ -285,7 +286,7 @@ def test_command_line_dataset_keys_win_over_every_dataset_table(tmp_path, shapes
     assert dataset.resolution == (128, 128) and dataset.batch_size == 3
     assert dataset.subsets[0].caption_extension == ".cap"
     with pytest.raises(SystemExit):
-        load_job("train_network", argv + ["--print_config"])
+        job_from_command_line("train_network", argv + ["--print_config"])
     printed = capsys.readouterr().out
     job_part, dataset_part = printed.split("# datasets (resolved)\n")
     assert "resolution = 128" in job_part and "train_batch_size = 3" in job_part
