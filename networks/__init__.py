@@ -34,17 +34,16 @@ Files
     sshs_hashes(tensors, metadata)      # the two hashes as readers recompute them
 
 Using files (sampler)
-    apply_network_files(unet, text_encoder, ["a.safetensors:0.75", "b.safetensors:0.5"], mode="merge")
-        merge (default; handles lora_mid and dora_scale) or mode="patch" -> applied networks to restore().
     network_from_weights(tensors, unet, text_encoder, multiplier)  # a patching network for any file
-    merge_weights(tensors, unet, text_encoder, multiplier)
+    merge_weights(tensors, unet, text_encoder, multiplier)          # handles lora_mid and dora_scale
+    (library/sampling/networks.py merges or patches a list of "file:multiplier" entries with these)
 
 Tools
     python networks/check_lora.py FILE...   (or python -m networks.check_lora FILE...)
 """
 
 from networks.apply import (
-    NetworkFileArg, apply_network_files, merge_weights, network_from_weights, parse_network_arg,
+    NetworkFileArg, merge_weights, network_from_weights, parse_network_arg,
 )
 from networks.files import (
     DATASET_METADATA_KEYS, load_network_file, normalize_names, save_network, sshs_hashes,
@@ -60,7 +59,6 @@ __all__ = [
     "LoConNetwork",
     "NetworkFileArg",
     "NetworkSpec",
-    "apply_network_files",
     "create_network",
     "load_network_file",
     "merge_weights",

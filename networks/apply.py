@@ -1,8 +1,8 @@
 """Using LoRA files on a model: build a patching network from any supported file, or merge files in.
 
-The sampler (`sample.py a.safetensors:0.75 b.safetensors:0.5`) calls `apply_network_files`, which
-merges by default (fastest per step) and can patch instead (reversible; needed for DoRA-free files
-when the weights must stay untouched).
+`merge_weights` adds a file's update into the weights (fastest per step); `network_from_weights` builds a
+patching network (reversible, multiplier changeable). library/sampling/networks.py chooses between them
+for sample.py and the tests.
 """
 
 from __future__ import annotations
@@ -178,30 +178,3 @@ def merge_weights(
         else:
             add_delta_(weight, delta, multiplier)
     return len(matched)
-
-
-def apply_network_files(
-    unet: nn.Module | None,
-    text_encoder: nn.Module | None,
-    files: Sequence[NetworkFileArg | str | tuple[str | os.PathLike, float]],
-    mode: str = "merge",
-) -> list[LoConNetwork]:
-    """Load several LoRA files with their multipliers onto a U-Net / text encoder.
-
-    mode "merge" changes the weights in place (returns []); mode "patch" returns the applied networks
-    (call `restore()` on them in reverse order to undo).
-    """
-    if mode not in ("merge", "patch"):
-        raise ConfigError(f"network mode {mode!r} is unknown; use 'merge' or 'patch'")
-    networks: list[LoConNetwork] = []
-    for item in files:
-        arg = parse_network_arg(item) if isinstance(item, str) else (
-            item if isinstance(item, NetworkFileArg) else NetworkFileArg(Path(item[0]), float(item[1])))
-        tensors, _ = load_network_file(arg.path)
-        if mode == "merge":
-            merge_weights(tensors, unet, text_encoder, arg.multiplier, str(arg.path))
-        else:
-            network = network_from_weights(tensors, unet, text_encoder, arg.multiplier, str(arg.path))
-            network.apply_to()
-            networks.append(network)
-    return networks

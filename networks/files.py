@@ -317,15 +317,3 @@ def module_rank(parts: Mapping[str, torch.Tensor]) -> int:
 def module_alpha(parts: Mapping[str, torch.Tensor]) -> float:
     """The module's alpha; a file without alpha means alpha = rank (scale 1)."""
     return float(parts[ALPHA]) if ALPHA in parts else float(module_rank(parts))
-
-
-def has_extras(parts: Mapping[str, torch.Tensor]) -> list[str]:
-    return [p for p in (MID, DORA_SCALE) if p in parts]
-
-
-def metadata_json(metadata: Mapping[str, str], key: str) -> object | None:
-    """A JSON-valued ss_* key, or None when absent or not JSON."""
-    try:
-        return json.loads(metadata[key])
-    except (KeyError, ValueError):
-        return None

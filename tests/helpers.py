@@ -14,14 +14,13 @@ def fixed_noise_loss(model, folder: Path, caption: str | None = None, network_fi
     `caption`: used for every image instead of its caption file. `network_file`: a LoRA patched in at 1.0
     for the measurement (and removed afterwards).
     """
-    from networks import apply_network_files
-
     from library.dataset import TrainDataset, resolve_datasets
+    from library.sampling.networks import attach_networks, detach_networks, load_sampling_networks
     from library.text_encoding import encode_texts
     from library.training import noise as nz
 
-    applied = apply_network_files(model.unet, model.text_encoder, [f"{network_file}:1.0"], mode="patch") \
-        if network_file else []
+    applied = load_sampling_networks([f"{network_file}:1.0"]) if network_file else []
+    attach_networks(applied, ["patch"] * len(applied), model.unet, model.text_encoder)
     subset = {"image_dir": str(folder)}
     if caption is not None:
         subset.update(class_tokens=caption, caption_extension=".none")
@@ -39,8 +38,7 @@ def fixed_noise_loss(model, folder: Path, caption: str | None = None, network_fi
                 ctx = encode_texts(model.tokenizer, model.text_encoder, batch["captions"])
                 pred = model.unet(nz.add_noise(batch["latents"], noise, t, alphas), t, encoder_hidden_states=ctx).sample
                 losses.append(torch.nn.functional.mse_loss(pred, noise).item())
-    for network in applied:
-        network.restore()
+    detach_networks(applied)
     return sum(losses) / len(losses)
 
 

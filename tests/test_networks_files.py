@@ -15,9 +15,10 @@ import torch
 from safetensors.torch import load_file, save, save_file
 
 from library.errors import NetworkFileError
+from library.sampling.networks import attach_networks, detach_networks, load_sampling_networks
 from library.models.architecture import TINY_TEXT_CONFIG, TINY_UNET_CONFIG, build_text_encoder, build_unet
 from networks import (
-    NetworkSpec, apply_network_files, create_network, load_network_file, merge_weights, network_from_weights,
+    NetworkSpec, create_network, load_network_file, merge_weights, network_from_weights,
     normalize_names, parse_network_arg, save_network,
 )
 from networks.check_lora import format_report, inspect_file, main as check_lora_main
@@ -230,12 +231,13 @@ def test_several_files_with_multipliers(models, tmp_path):
     b.restore()
     a.restore()
     args = [f"{tmp_path / 'a.safetensors'}:0.75", f"{tmp_path / 'b.safetensors'}:0.5"]
-    patched = apply_network_files(unet, te, args, mode="patch")
+    loaded = load_sampling_networks(args)
+    attach_networks(loaded, ["patch", "patch"], unet, te)
     with torch.no_grad():
         assert torch.allclose(te(tokens).last_hidden_state, want, atol=1e-5)
-    for network in reversed(patched):
-        network.restore()
-    assert apply_network_files(unet, te, args) == []
+    detach_networks(loaded)
+    attach_networks(loaded, ["merge", "merge"], unet, te)
+    assert all(n.patched is None for n in loaded)
     with torch.no_grad():
         assert torch.allclose(te(tokens).last_hidden_state, want, atol=1e-4)
 

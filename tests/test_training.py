@@ -33,14 +33,14 @@ def test_lora_training_lowers_fixed_noise_loss_and_file_reproduces_model(tmp_pat
     after = fixed_noise_loss(fresh, shapes_dir, network_file=lora)
     assert after < 0.8 * before, (before, after)
     # the file loaded into a fresh model gives the trained model's output
-    from networks import apply_network_files
+    from library.sampling.networks import attach_networks, load_sampling_networks
 
     x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
     ids = result.model.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     result.method.train_mode(False)
     with torch.no_grad():
         trained = result.model.unet(x, t, encoder_hidden_states=result.model.text_encoder(ids).last_hidden_state).sample
-        apply_network_files(fresh.unet, fresh.text_encoder, [f"{lora}:1.0"], mode="patch")
+        attach_networks(load_sampling_networks([f"{lora}:1.0"]), ["patch"], fresh.unet, fresh.text_encoder)
         loaded = fresh.unet(x, t, encoder_hidden_states=fresh.text_encoder(ids).last_hidden_state).sample
     torch.testing.assert_close(loaded, trained, rtol=1e-4, atol=1e-5)
     meta = __import__("networks").load_network_file(lora)[1]

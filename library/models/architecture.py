@@ -96,7 +96,6 @@ TINY_TEXT_CONFIG: dict = {
     "projection_dim": 64,
 }
 
-SD1_UNET_HEADS = 8
 CLIP_HEAD_WIDTH = 64
 
 UNET_PREFIX = "model.diffusion_model."

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -104,7 +104,3 @@ def build_scheduler(name: str, optimizer, warmup_steps: int, total_steps: int, n
     if name == "constant_with_warmup":
         kwargs = {"num_warmup_steps": warmup_steps}
     return get_scheduler(name, optimizer, **kwargs)
-
-
-def trainable_parameters(groups: Iterable[dict]) -> list[torch.nn.Parameter]:
-    return [p for g in groups for p in g["params"]]
