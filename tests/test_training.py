@@ -179,3 +179,22 @@ def test_periodic_saves_pruning_ema_tensorboard_and_text_cache(tmp_path, tiny_si
     up = next(k for k in saved if k.endswith("lora_up.weight"))
     assert not torch.allclose(saved[up].float(), raw[up].float())
     assert list((tmp_path / "logs").glob("*/events.out.tfevents.*"))
+
+
+def test_what_falls_due_after_a_step():
+    from types import SimpleNamespace
+
+    from library.training.loop import Due, due_after_step
+
+    job = SimpleNamespace(save_every_n_steps=4, save_every_n_epochs=2, save_state=True, validate_every_n_steps=None,
+                          sample_every_n_steps=3, sample_every_n_epochs=None)
+    assert due_after_step(job, 1, 20, None) == Due()
+    assert due_after_step(job, 3, 20, None) == Due(samples=True)
+    assert due_after_step(job, 4, 20, None) == Due(save_step=True, state=True, validation=True)
+    assert due_after_step(job, 5, 20, 1) == Due()  # epoch 1 finished: not a multiple of 2
+    assert due_after_step(job, 10, 20, 2) == Due(save_epoch=True, state=True, validation=True)
+    assert due_after_step(job, 12, 20, 3) == Due(save_step=True, state=True, validation=True, samples=True)
+    assert due_after_step(job, 20, 20, 4) == Due()  # the end of the run has its own saves
+    own = SimpleNamespace(**{**vars(job), "validate_every_n_steps": 5, "save_state": False})
+    assert due_after_step(own, 4, 20, None) == Due(save_step=True)
+    assert due_after_step(own, 5, 20, None) == Due(validation=True)

@@ -395,30 +395,21 @@ def _train(job: Job, method: Method, accelerator, state: LoadedState | None, sta
         if is_main:
             tqdm.write(f"step {global_step}: validation loss {mean:.5f} ({len(held_out)} held-out images)")
 
-    def periodic(step_done: bool, epoch_done: bool) -> None:
+    def periodic(finished_epoch: int | None) -> None:
         """Saving, validation and sampling at their intervals (not at the very end: that follows)."""
-        if global_step >= total_steps:
-            return
-        saved = False
-        if step_done and job.save_every_n_steps and global_step % job.save_every_n_steps == 0:
+        due = due_after_step(job, global_step, total_steps, finished_epoch)
+        if due.save_step:
             save_artifacts(f"-step{global_step:08d}")
             _prune(output_dir, job.output_name, "-step", 8, job.save_last_n_steps, method.artifact_suffix)
-            saved = True
-        if epoch_done and job.save_every_n_epochs and (epoch - 1) % job.save_every_n_epochs == 0:
-            save_artifacts(f"-{epoch - 1:06d}")
+        if due.save_epoch:
+            save_artifacts(f"-{finished_epoch:06d}")
             _prune(output_dir, job.output_name, "-", 6, job.save_last_n_epochs, method.artifact_suffix)
-            saved = True
-        if saved and job.save_state:
+        if due.state:
             result.state_dir = write_state()
-        if job.validate_every_n_steps:
-            if step_done and global_step % job.validate_every_n_steps == 0:
-                run_validation()
-        elif saved:
+        if due.validation:
             run_validation()
-        if sampler and ((step_done and job.sample_every_n_steps and global_step % job.sample_every_n_steps == 0)
-                        or (epoch_done and job.sample_every_n_epochs
-                            and (epoch - 1) % job.sample_every_n_epochs == 0)):
-            sampler(global_step, epoch - 1 if epoch_done else epoch)
+        if sampler and due.samples:
+            sampler(global_step, finished_epoch if finished_epoch is not None else epoch)
 
     # ---- the loop
     if sampler and job.sample_at_first and global_step == 0:
@@ -479,7 +470,7 @@ def _train(job: Job, method: Method, accelerator, state: LoadedState | None, sta
                 epoch_done = done_in_epoch >= epoch_batches
                 if epoch_done:
                     epoch, done_in_epoch = epoch + 1, 0
-                periodic(step_done=True, epoch_done=epoch_done)
+                periodic(epoch - 1 if epoch_done else None)
                 if stop.signal is not None:
                     result.state_dir = write_state()
                     result.final_files = save_artifacts(f"-step{global_step:08d}")
@@ -509,6 +500,39 @@ def _train(job: Job, method: Method, accelerator, state: LoadedState | None, sta
         log.info(f"done: {global_step} steps in {result.seconds:.0f} s; {result.peak_memory}; "
                  f"weights: {', '.join(str(f) for f in result.final_files)}")
     return result
+
+
+@dataclass(frozen=True)
+class Due:
+    """What falls due after one optimizer step."""
+
+    save_step: bool = False  # a -stepNNNNNNNN file
+    save_epoch: bool = False  # a -NNNNNN file for the epoch just finished
+    state: bool = False  # the training state, with either save
+    validation: bool = False
+    samples: bool = False
+
+
+def due_after_step(job: Job, global_step: int, total_steps: int, finished_epoch: int | None) -> Due:
+    """The job's intervals at `global_step` (steps count from 1); `finished_epoch` is the epoch (from 1) this
+    step finished, or None. The last step is left out: the end of the run saves, validates and samples."""
+    if global_step >= total_steps:
+        return Due()
+
+    def every(n: int | None, count: int | None) -> bool:
+        return bool(n) and count is not None and count % n == 0
+
+    save_step = every(job.save_every_n_steps, global_step)
+    save_epoch = every(job.save_every_n_epochs, finished_epoch)
+    saved = save_step or save_epoch
+    return Due(
+        save_step=save_step,
+        save_epoch=save_epoch,
+        state=saved and job.save_state,
+        # without its own interval, validation runs at every save
+        validation=every(job.validate_every_n_steps, global_step) if job.validate_every_n_steps else saved,
+        samples=every(job.sample_every_n_steps, global_step) or every(job.sample_every_n_epochs, finished_epoch),
+    )
 
 
 def _warn_long_captions(dataset, tokenizer, max_token_length: int) -> None:
