@@ -3,7 +3,14 @@
 import numpy as np
 import pytest
 
-from library.dataset.captions import CaptionOptions, process_caption, read_caption_file, tag_frequency
+from library.dataset.captions import (
+    CaptionOptions,
+    base_caption,
+    base_captions,
+    process_caption,
+    read_caption_file,
+    tag_frequency,
+)
 from library.errors import DatasetError
 
 CAPTION = "hand, palm, five fingers, wrinkles, close-up, studio light"
@@ -69,6 +76,20 @@ def test_prefix_suffix_stay_in_place_and_replacements_apply_last():
         out = run(opts, seed=s, replacements={"<hand>": "<hand> <hand1> <hand2>"})
         assert out.startswith("photo of <hand> <hand1> <hand2>, ")
         assert out.endswith(" , high quality")
+
+
+def test_base_caption_caption_file_then_templates_then_class_tokens():
+    templates = ("a photo of a {}", "a close-up of a {}")
+    assert base_caption("from file", "palm", templates, "<hand>", template=1) == "from file"
+    assert base_captions("from file", "palm", templates, "<hand>") == ["from file"]
+    # {} is the subset's class_tokens; textual inversion's token only where the subset has none
+    assert base_caption(None, "palm", templates, "<hand>", template=1) == "a close-up of a palm"
+    assert base_caption(None, None, templates, "<hand>") == "a photo of a <hand>"
+    assert base_caption(None, None, templates, None) == "a photo of a "
+    assert base_captions(None, None, templates, "<hand>") == ["a photo of a <hand>", "a close-up of a <hand>"]
+    # no templates: class_tokens, or the empty caption
+    assert base_caption(None, "palm", None, "<hand>") == "palm"
+    assert base_captions(None, None, (), "<hand>") == [""]
 
 
 def test_tag_frequency():

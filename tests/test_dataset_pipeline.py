@@ -12,11 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-import library.dataset.dataset as dataset_module
+import library.dataset.latents as latents_module
 from library.dataset import TrainDataset, debug_dataset, resolve_datasets
 from library.dataset.cache import cache_path
 from library.dataset.__main__ import main as dry_run_main
 from library.dataset.images import load_rgb, read_header
+from library.dataset.plan import plan_epoch
 from library.errors import ConfigError, DatasetError
 from library.models.architecture import TINY_VAE_CONFIG, build_vae
 
@@ -239,19 +240,65 @@ def test_batches_come_from_one_bucket_and_are_deterministic(tmp_path, vae):
     second = list(data.batches(2))
     assert snapshot(first) == snapshot(second)
     assert all(torch.equal(a["latents"], b["latents"]) for a, b in zip(first, second))
-    assert len(first) == data.num_batches(2) == sum(-(-len(s) // 2) for s in data._buckets[0].values())
+    assert len(first) == data.num_batches(2) == sum(-(-len(s) // 2) for s in data.layout.buckets[0].values())
     assert sum(len(b["image_paths"]) for b in first) == 18
     for b in first:
         w, h = b["bucket"]
         assert b["latents"].shape == (len(b["image_paths"]), 4, h // 8, w // 8)
         assert b["latents"].dtype == torch.float32
-        assert len({data.entries[i].choice.bucket for i in [data._samples[0][s] for s in b["sample_ids"]]}) == 1
+        assert len({data.entries[i].choice.bucket for i in [data.layout.samples[0][s] for s in b["sample_ids"]]}) == 1
     # resume: the tail after k batches is exactly what a fresh call with start=k yields
     resumed = list(data.batches(2, start=3))
     assert snapshot(resumed) == snapshot(first[3:])
     # another epoch is shuffled differently; another instance with the same seed is identical
     assert snapshot(data.batches(3)) != snapshot(first)
     assert snapshot(mixed_dataset(tmp_path).batch_plan(2)) == snapshot(first)
+
+
+def test_epoch_plan_is_a_pure_function_of_layout_seed_and_epoch(tmp_path):
+    data = mixed_dataset(tmp_path)
+    layout = data.layout
+    first = plan_epoch(layout, [2], seed=5, epoch=1)
+    assert first == plan_epoch(layout, [2], seed=5, epoch=1)
+    assert first != plan_epoch(layout, [2], seed=5, epoch=2)
+    # every sample once per epoch, in batches of one bucket and at most the batch size
+    assert sorted(s for b in first for s in b.sample_ids) == list(range(len(layout.samples[0])))
+    for b in first:
+        assert len(b.sample_ids) <= 2 and b.sample_ids
+        assert all(s in layout.buckets[0][b.bucket] for s in b.sample_ids)
+
+
+def test_removed_images_leave_the_plan(tmp_path):
+    data = mixed_dataset(tmp_path)
+    assert data.usable_indices() == list(range(6)) and data.num_train_images == 18
+    gone = [1, 4]
+    data.remove(gone)
+    assert data.usable_indices() == [0, 2, 3, 5] and data.num_train_images == 12
+    paths = {p for b in data.batch_plan(1) for p in b["image_paths"]}
+    assert paths == {str(data.entries[i].path) for i in data.usable_indices()}
+    assert sum(len(s) for s in data.layout.samples) == data.num_samples == 12
+
+
+def test_pixels_of_is_the_centre_crop_of_the_bucket(tmp_path):
+    data = mixed_dataset(tmp_path)
+    for e in data.entries:
+        w, h = e.choice.bucket
+        px = data.pixels_of(e)
+        assert px.shape == (3, h, w) and px.min() >= -1 and px.max() <= 1
+        assert torch.equal(px, data.pixels_of(e))
+
+
+def test_prepare_latents_caches_or_encodes_as_batches_are_drawn(tmp_path, vae):
+    cached = mixed_dataset(tmp_path, flip_aug=False, num_repeats=1)
+    assert cached.prepare_latents(vae, "cpu", cache=False, to_disk=True) is True  # to_disk implies caching
+    assert all(cached.cached_latents(i) is not None for i in cached.usable_indices())
+    assert all(cache_path(e.path).is_file() for e in cached.entries)
+    live = mixed_dataset(tmp_path, flip_aug=False, num_repeats=1)
+    assert live.prepare_latents(vae, "cpu", cache=False) is False
+    assert all(live.cached_latents(i) is None for i in live.usable_indices())
+    for a, b in zip(cached.batches(1), live.batches(1)):
+        assert a["image_paths"] == b["image_paths"]
+        assert torch.allclose(a["latents"], b["latents"], atol=1e-4)
 
 
 def test_flip_uses_the_mirrored_latent(tmp_path, vae):
@@ -261,7 +308,7 @@ def test_flip_uses_the_mirrored_latent(tmp_path, vae):
     flips = set()
     for b in data.batches(1):
         for k, (sid, flipped) in enumerate(zip(b["sample_ids"], b["flipped"])):
-            lat, mirrored = data._latents[data._samples[0][sid]]
+            lat, mirrored = data.cached_latents(data.layout.samples[0][sid])
             assert torch.allclose(b["latents"][k], (mirrored if flipped else lat) * factor)
             flips.add(flipped)
     assert flips == {True, False}
@@ -334,13 +381,13 @@ def test_metadata_and_stats(tmp_path):
 class EncodeCounter:
     def __init__(self, monkeypatch):
         self.images = 0
-        real = dataset_module.encode_pixels
+        real = latents_module.encode_pixels
 
         def counting(vae, pixels, device, dtype):
             self.images += pixels.shape[0]
             return real(vae, pixels, device, dtype)
 
-        monkeypatch.setattr(dataset_module, "encode_pixels", counting)
+        monkeypatch.setattr(latents_module, "encode_pixels", counting)
 
 
 def test_disk_cache_hit_and_invalidation(tmp_path, vae, monkeypatch):
@@ -362,7 +409,7 @@ def test_disk_cache_hit_and_invalidation(tmp_path, vae, monkeypatch):
     again = build(tmp_path, subsets, general=tiny)
     again.cache_latents(vae, "cpu", to_disk=True, batch_size=2)
     assert counter.images == 0  # every latent read from disk
-    assert all(torch.equal(again._latents[i][0], first._latents[i][0]) for i in range(3))
+    assert all(torch.equal(again.cached_latents(i)[0], first.cached_latents(i)[0]) for i in range(3))
 
     # the image changes: only it is encoded again
     noise_image(folder / "001.png", (100, 75), seed=77)
@@ -370,7 +417,7 @@ def test_disk_cache_hit_and_invalidation(tmp_path, vae, monkeypatch):
     changed = build(tmp_path, subsets, general=tiny)
     changed.cache_latents(vae, "cpu", to_disk=True, batch_size=2)
     assert counter.images == 2
-    assert not torch.equal(changed._latents[1][0], first._latents[1][0])
+    assert not torch.equal(changed.cached_latents(1)[0], first.cached_latents(1)[0])
 
     # a VAE with another decoder encodes the same: the cache stays valid
     decoder_tuned = copy.deepcopy(vae)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -93,6 +93,28 @@ def process_caption(
 def fill_template(template: str, tokens: str) -> str:
     """A caption from a template such as "a photo of a {}" and the subset's class tokens."""
     return template.replace("{}", tokens)
+
+
+def base_caption(caption: str | None, class_tokens: str | None, templates: Sequence[str] | None,
+                 template_token: str | None, template: int = 0) -> str:
+    """The text an image is captioned with before its per-step processing.
+
+    `caption`: its caption file's text. Without one: `templates[template]` with {} filled by the
+    subset's class_tokens, or by `template_token` when it has none (textual inversion's token); without
+    templates, class_tokens (or "").
+    """
+    if caption is not None:
+        return caption
+    if templates:
+        return fill_template(templates[template], class_tokens if class_tokens is not None else (template_token or ""))
+    return class_tokens or ""
+
+
+def base_captions(caption: str | None, class_tokens: str | None, templates: Sequence[str] | None,
+                  template_token: str | None) -> list[str]:
+    """Every text `base_caption` can give the image: one per template when it is captioned from them."""
+    choices = range(len(templates)) if caption is None and templates else range(1)
+    return [base_caption(caption, class_tokens, templates, template_token, k) for k in choices]
 
 
 @dataclass(frozen=True)

@@ -171,27 +171,3 @@ def describe_caption_sources(report: SubsetReport, sub: SubsetConfig, run_templa
         parts.append(f"{missing} without a caption file (using {fallback})")
     looked = sub.caption_extension or "'.txt' or '.caption' (caption_extension unset)"
     return f"{report.image_dir}: captions: {', '.join(parts)}; looked for {looked}."
-
-
-def balance_regularisation(train_samples: int, reg_entries: list[ImageEntry]) -> None:
-    """Set reg images' repeats so that reg samples per epoch match the training samples.
-
-    The sd-scripts rule: walk the reg images in order, first giving each its subset's repeats, then one
-    more each round, until the total reaches the training samples. Reg images not reached in the first
-    round get 0 repeats (there were more of them than training samples).
-    """
-    base = {id(e): e.repeats for e in reg_entries}
-    for e in reg_entries:
-        e.repeats = 0
-    total, first_round = 0, True
-    while total < train_samples and reg_entries:
-        for e in reg_entries:
-            if first_round:
-                e.repeats = base[id(e)]
-                total += e.repeats
-            else:
-                e.repeats += 1
-                total += 1
-            if total >= train_samples:
-                break
-        first_round = False

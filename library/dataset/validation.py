@@ -1,8 +1,8 @@
 """A held-out validation split: images kept out of training, scored at fixed timesteps and noise.
 
 `hold_out(dataset, fraction)` removes a deterministic share of each dataset's training images from
-training; `validation_batches(dataset, held)` encodes them once (centre crop, no flip, no caption
-dropout or shuffle) into batches the loop scores the same way every time.
+training; `validation_batches(dataset, held)` encodes them once (centre crop, no flip, the first
+template, no caption dropout or shuffle) into batches the loop scores the same way every time.
 """
 
 from __future__ import annotations
@@ -12,46 +12,42 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from library.dataset.buckets import crop_offset
 from library.dataset.cache import encode_pixels
-from library.dataset.captions import CaptionOptions, fill_template, process_caption
+from library.dataset.captions import CaptionOptions, process_caption
+from library.dataset.dataset import TrainDataset
 from library.dataset.sources import ImageEntry
 from library.errors import DatasetError
 
+_HOLD_OUT = 97  # mixed into the seed of the choice: a stream none of the epochs' draws uses
 
-def hold_out(dataset, fraction: float) -> list[int]:
+
+def hold_out(dataset: TrainDataset, fraction: float) -> list[int]:
     """Entry indices moved from training to validation: round(fraction × images), at least 1 per dataset."""
     held: list[int] = []
     for d, ds in enumerate(dataset.configs):
-        train = sorted((i for i, e in enumerate(dataset.entries)
-                        if e.dataset == d and not e.is_reg and i not in dataset._removed),
+        train = sorted((i for i in dataset.usable_indices()
+                        if dataset.entries[i].dataset == d and not dataset.entries[i].is_reg),
                        key=lambda i: str(dataset.entries[i].path))
         count = max(1, round(fraction * len(train)))
         if count >= len(train):
             raise DatasetError(f"{ds.where}: validation_split = {fraction} would hold out all {len(train)} training "
                                "images; lower it or add images.")
-        order = np.random.default_rng([dataset.seed, 97, d]).permutation(len(train))
+        order = np.random.default_rng([dataset.seed, _HOLD_OUT, d]).permutation(len(train))
         held += [train[k] for k in sorted(order[:count])]
-    dataset._removed.update(held)
-    dataset._rebuild()
+    dataset.remove(held)
     return held
 
 
-def _caption(dataset, e: ImageEntry) -> str:
-    sub = dataset._subset_of(e)
-    base = e.caption
-    if base is None:
-        templates = sub.caption_templates or dataset.caption_templates
-        token = sub.class_tokens if sub.class_tokens is not None else (dataset.template_token or "")
-        base = fill_template(templates[0], token) if templates else (sub.class_tokens or "")
-    fixed = CaptionOptions(separator=sub.caption.separator, prefix=sub.caption.prefix, suffix=sub.caption.suffix)
-    return process_caption(base, fixed, np.random.default_rng(0), epoch=1, replacements=dataset.caption_replacements)
+def _caption(dataset: TrainDataset, e: ImageEntry) -> str:
+    options = dataset.subset_of(e).caption
+    fixed = CaptionOptions(separator=options.separator, prefix=options.prefix, suffix=options.suffix)
+    return process_caption(dataset.base_caption(e), fixed, np.random.default_rng(0), epoch=1,
+                           replacements=dataset.caption_replacements)
 
 
-def validation_batches(dataset, held: list[int], vae: torch.nn.Module, device, batch_size: int) -> list[dict]:
+def validation_batches(dataset: TrainDataset, held: list[int], vae: torch.nn.Module, device,
+                       batch_size: int) -> list[dict]:
     """Batches (grouped by bucket) of the held-out images with latents × scaling_factor and fixed captions."""
-    from library.dataset.dataset import SampleDraws
-
     by_bucket: dict[tuple[int, int], list[ImageEntry]] = defaultdict(list)
     for i in held:
         by_bucket[dataset.entries[i].choice.bucket].append(dataset.entries[i])
@@ -60,8 +56,7 @@ def validation_batches(dataset, held: list[int], vae: torch.nn.Module, device, b
         for bucket, entries in sorted(by_bucket.items()):
             for k in range(0, len(entries), batch_size):
                 chunk = entries[k:k + batch_size]
-                pixels = [dataset._pixels(e, SampleDraws(False, crop_offset(e.choice.resized, bucket, None), 0.0, 0))[0]
-                          for e in chunk]
+                pixels = [dataset.pixels_of(e) for e in chunk]
                 latents = encode_pixels(vae, torch.stack(pixels), device, torch.float32)
                 batches.append({"latents": latents * float(vae.config.scaling_factor),
                                 "captions": [_caption(dataset, e) for e in chunk],
