@@ -240,14 +240,10 @@ def _train(job: Job, method: Method, accelerator, state: LoadedState | None, sta
     # the validation images are encoded once, before the VAE may leave the device
     validation_set = with_fixed_timesteps(
         validation_batches(dataset, held_out, model.vae, device, job.train_batch_size)) if held_out else []
-    if job.cache_latents or job.cache_latents_to_disk:
-        dataset.cache_latents(model.vae, device, torch.float32, to_disk=job.cache_latents_to_disk,
-                              batch_size=job.vae_batch_size)
-        if not job.sample_prompts:
-            model.vae.to("cpu")  # only sampling needs it now
-    else:
-        dataset.use_vae(model.vae, device, torch.float32)
-        dataset.check_images()
+    cached = dataset.prepare_latents(model.vae, device, torch.float32, cache=job.cache_latents,
+                                     to_disk=job.cache_latents_to_disk, batch_size=job.vae_batch_size)
+    if cached and not job.sample_prompts:
+        model.vae.to("cpu")  # only sampling needs it now
 
     # ---- optimizer and schedule; a step consumes `world × accumulation` batches of the epoch
     optimizer = accelerator.prepare_optimizer(

@@ -299,12 +299,8 @@ class TextualInversionMethod(Method):
                             caption_replacements=self.caption_replacements(),
                             num_workers=job.max_data_loader_n_workers, **self.dataset_options())
         ctx.model.vae.to(ctx.device, torch.float32)
-        if job.cache_latents or job.cache_latents_to_disk:
-            good.cache_latents(ctx.model.vae, ctx.device, torch.float32, to_disk=job.cache_latents_to_disk,
-                               batch_size=job.vae_batch_size)
-        else:
-            good.use_vae(ctx.model.vae, ctx.device, torch.float32)
-            good.check_images()
+        good.prepare_latents(ctx.model.vae, ctx.device, torch.float32, cache=job.cache_latents,
+                             to_disk=job.cache_latents_to_disk, batch_size=job.vae_batch_size)
         log.info(f"contrastive mode: {good.num_train_images} good images from {good_dir}; margin "
                  f"{job.contrastive_margin}, weight {job.contrastive_weight}")
         return good
