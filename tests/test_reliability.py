@@ -316,3 +316,19 @@ def test_long_captions_get_one_warning_of_ours_and_none_of_transformers(tmp_path
     assert "Token indices sequence length" not in captured.err + captured.out
     assert not any("Token indices" in r.getMessage() for r in caplog.records)
 
+
+
+def test_parallel_image_loads_leave_pils_bomb_limit_as_it_was(tmp_path):
+    """Loader threads switch PIL's global limit off around each open: they must never leave it off."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from library.dataset.images import load_rgb
+
+    write_shape_folder(tmp_path, count=4, size=(64, 64), seed=2, shapes=("circle",), colours=("red",))
+    paths = sorted(tmp_path.glob("*.png")) * 100
+    before = Image.MAX_IMAGE_PIXELS
+    with ThreadPoolExecutor(8) as pool:
+        sizes = {img.size for img in pool.map(load_rgb, paths)}
+    assert sizes == {(64, 64)} and Image.MAX_IMAGE_PIXELS == before

@@ -7,6 +7,7 @@ grayscale, palette, CMYK and 16-bit images converted. Huge images are refused be
 
 from __future__ import annotations
 
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,11 +47,16 @@ class ImageHeader:
     mtime_ns: int
 
 
+# PIL's limit is one global: loader threads switch it off and back one at a time, or two could interleave
+# and leave it off for the whole process
+_PIL_LIMIT = threading.Lock()
+
+
 def _open(path: Path, max_pixels: int) -> Image.Image:
     # PIL's own bomb check warns at half its limit and raises at the limit; ours names the file and
     # the key that raises the limit, so switch PIL's off and check the header size ourselves.
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _PIL_LIMIT:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             old = Image.MAX_IMAGE_PIXELS
             Image.MAX_IMAGE_PIXELS = None
