@@ -183,7 +183,7 @@ def test_saved_file_matches_in_diffusers_and_in_our_sampler(trained, listening_m
     ours_model = trained.model
     with torch.no_grad():
         ours = encode_texts(ours_model.tokenizer, ours_model.text_encoder,
-                            [expand_embedding_names(prompt, ours_model.extra["embedding_tokens"])])
+                            [expand_embedding_names(prompt, trained.method.prompt_tokens())])
 
         fresh = load_sd1(listening_model)
         pipe = StableDiffusionPipeline(vae=fresh.vae, text_encoder=fresh.text_encoder, tokenizer=fresh.tokenizer,

@@ -50,11 +50,11 @@ from library.sampling.prompts import PromptSpec, parse_prompt_file
 from library.sampling.schedulers import SAMPLERS, make_scheduler, resolve_sampler, sampler_names
 
 
-def make_training_sampler(job, model, device, eval_modules=(), size=None, trains_network=False):
+def make_training_sampler(job, model, device, eval_modules=(), size=None, trains_network=False, embedding_tokens=None):
     """See library.sampling.training (imported on first use: it needs the model-side modules)."""
     from library.sampling.training import make_training_sampler as make
 
-    return make(job, model, device, eval_modules, size, trains_network)
+    return make(job, model, device, eval_modules, size, trains_network, embedding_tokens)
 
 __all__ = [
     "GeneratedImage",

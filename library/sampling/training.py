@@ -33,8 +33,10 @@ def training_sample_size(job) -> tuple[int, int]:
 
 def make_training_sampler(job, model, device: torch.device | str, eval_modules: Sequence[torch.nn.Module] = (),
                           size: tuple[int, int] | None = None,
-                          trains_network: bool = False) -> Callable[[int, int], SampleRun]:
-    """A callable (step, epoch) → SampleRun that writes `<output_name>_e<epoch>_s<step>_<n>_<seed>.png`."""
+                          trains_network: bool = False,
+                          embedding_tokens: dict[str, list[str]] | None = None) -> Callable[[int, int], SampleRun]:
+    """A callable (step, epoch) → SampleRun that writes `<output_name>_e<epoch>_s<step>_<n>_<seed>.png`.
+    `embedding_tokens`: {name: [tokens]} of an embedding being trained, expanded in the prompts."""
     width, height = size or training_sample_size(job)
     specs = training_sample_specs(job.sample_prompts, width=width, height=height, sampler=job.sample_sampler)
     # a LoRA being trained is named in the PNGs as <lora:output_name:1>, as WebUI would load the file
@@ -44,7 +46,7 @@ def make_training_sampler(job, model, device: torch.device | str, eval_modules: 
         max_token_length=job.max_token_length if "max_token_length" in job.given else None,
         device=device, sampler=job.sample_sampler,
         model_name=model_display_name(job.pretrained_model_name_or_path), networks=networks,
-        embedding_tokens=model.extra.get("embedding_tokens"),  # tokens a textual-inversion run added
+        embedding_tokens=embedding_tokens,
         eval_modules=eval_modules)
     out_dir = Path(job.output_dir) / SAMPLE_FOLDER
 

@@ -121,25 +121,23 @@ def resumed_step(job: Job) -> int:
 
 def make_class_images(ctx: TrainContext, eval_modules) -> None:
     """Generate the missing class images of every is_reg subset (main process; the others wait)."""
-    from accelerate import PartialState
-
     from library.training.class_images import check_writable, generate_class_images, plan_class_images
 
     job = ctx.job
     if not job.num_class_images:
         return
-    state = PartialState()
+    is_main = ctx.rank == 0
     plans = []
     for ds, sub in reg_subsets(job):
         plan = plan_class_images(sub.image_dir, job.class_prompt or sub.class_tokens, job.num_class_images,
                                  job.seed, ds.resolution)
         if plan.missing:
             check_writable(plan, sub.where)
-        if state.is_main_process:
+        if is_main:
             log.info(f"class images in {sub.image_dir}: {plan.existing} found, {len(plan.missing)} to generate "
                      f"(num_class_images = {job.num_class_images})")
         plans.append(plan)
-    if state.is_main_process and any(p.missing for p in plans):
+    if is_main and any(p.missing for p in plans):
         from library.sampling import Sampler
         from library.sampling.run import model_display_name
 
@@ -153,7 +151,7 @@ def make_class_images(ctx: TrainContext, eval_modules) -> None:
                                         job.class_image_cfg_scale, job.class_image_sampler,
                                         job.class_image_batch_size)
         log.info(f"generated {len(written)} class image(s)")
-    state.wait_for_everyone()
+    ctx.wait_for_everyone()
 
 
 class TextEncoderStop:

@@ -210,7 +210,7 @@ def _train(job: Job, method: Method, accelerator, state: LoadedState | None, sta
     if is_main:
         log.info(f"loaded {model.source} in {model.load_seconds:.1f} s")
     attention = set_attention_backend(model.unet, job, device)
-    ctx = TrainContext(job, model, device, weight_dtype)
+    ctx = TrainContext(job, model, device, weight_dtype, rank, world, accelerator.wait_for_everyone)
     # what the method trains in full stays float32: a round trip through bf16/fp16 would lose the base's low bits
     for part in ("unet", "text_encoder"):
         getattr(model, part).to(device, torch.float32 if part in method.full_precision_parts else weight_dtype)
@@ -609,7 +609,7 @@ def _in_training_sampler(job: Job, model, device, method: Method):
     from library.sampling import make_training_sampler
 
     return make_training_sampler(job, model, device, eval_modules=method.modules(),
-                                 trains_network=method.saves_network)
+                                 trains_network=method.saves_network, embedding_tokens=method.prompt_tokens())
 
 
 def run_training_job(job: Job, method: Method) -> TrainResult:

@@ -23,6 +23,9 @@ class TrainContext:
     model: SD1Model
     device: torch.device
     weight_dtype: torch.dtype  # dtype of frozen weights (fp32, or bf16/fp16 under mixed precision)
+    rank: int = 0  # this process's index, and how many train together (DDP)
+    world: int = 1
+    wait_for_everyone: Callable[[], None] = lambda: None  # a barrier across the processes
 
 
 # torch dtypes of the save_precision values ("float" is sd-scripts' name for fp32)
@@ -68,6 +71,10 @@ class Method:
 
     def dataset_options(self) -> dict[str, Any]:
         """Extra TrainDataset arguments (textual inversion: caption_templates, template_token)."""
+        return {}
+
+    def prompt_tokens(self) -> dict[str, list[str]]:
+        """Tokens this method adds to prompts for sampling: {name: [tokens]} (a multi-vector embedding)."""
         return {}
 
     def modules(self) -> list[torch.nn.Module]:

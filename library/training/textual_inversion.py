@@ -260,14 +260,7 @@ class TextualInversionMethod(Method):
         self.vectors = torch.nn.Parameter(init.to(ctx.device, torch.float32))
         self.rows = NewTokenRows(embedding, first, self.vectors)
         self._frozen = (embedding.weight, embedding.weight._version)
-        # the sampler expands a multi-vector token in prompts ("tok" → "tok tok1 tok2")
-        model.extra["embedding_tokens"] = {self.token: list(self.tokens)}
-        try:
-            from accelerate import PartialState
-
-            self._world = PartialState().num_processes
-        except Exception:  # accelerate not initialised: one process
-            self._world = 1
+        self._world = ctx.world
         return [{"params": [self.vectors], "lr": self.job.learning_rate, "name": "embedding"}]
 
     def before_dataset(self, ctx: TrainContext) -> None:
@@ -311,6 +304,10 @@ class TextualInversionMethod(Method):
         if self.num_vectors > 1:
             return {self.token: " ".join(self.tokens)}
         return None
+
+    def prompt_tokens(self) -> dict[str, list[str]]:
+        # the sampler expands a multi-vector token in prompts ("tok" → "tok tok1 tok2")
+        return {self.token: list(self.tokens)}
 
     def dataset_options(self) -> dict:
         return {"caption_templates": self.templates, "template_token": self.token}
