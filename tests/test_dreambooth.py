@@ -263,7 +263,7 @@ def test_full_finetune_resume_past_text_encoder_stop_matches_uninterrupted(tmp_p
                                 save_state_on_train_end=True, **keys)))
     assert first.losses == full.losses[:3]
     resumed = run(tmp_path / "b" / "job.toml", "--resume", str(first.state_dir), "--max_train_steps", "5")
-    assert not resumed.method.trains_text_encoder
+    assert not resumed.method.needs_text_encoder_grad
     assert resumed.losses == full.losses[3:]
     a, b = load_sd1(full.final_files[0]), load_sd1(resumed.final_files[0])
     for part in ("unet", "text_encoder"):

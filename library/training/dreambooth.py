@@ -210,7 +210,7 @@ class DreamBoothLoRA(NetworkMethod):
         super().__init__(job)
 
     @property
-    def trains_text_encoder(self) -> bool:
+    def needs_text_encoder_grad(self) -> bool:
         return self.te_lr > 0 and self.te_stop.active
 
     def setup(self, ctx: TrainContext) -> list[dict]:
@@ -256,12 +256,8 @@ class DreamBoothFull(Method):
         self.model = None
 
     @property
-    def trains_text_encoder(self) -> bool:
+    def needs_text_encoder_grad(self) -> bool:
         return self.te_lr > 0 and self.te_stop.active
-
-    @property
-    def trains_unet(self) -> bool:
-        return self.unet_lr > 0
 
     def _parts(self) -> dict[str, torch.nn.Module]:
         parts = {"unet": self.model.unet} if self.unet_lr > 0 else {}

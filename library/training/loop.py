@@ -33,7 +33,7 @@ from library.models.loading import load_sd1
 from library.text_encoding import encode_texts, long_captions
 from library.training import noise as nz
 from library.training.metadata import build_metadata
-from library.training.method import Method, TrainContext
+from library.training.method import Method, MicroBatch, TrainContext
 from library.training.optimizers import build_optimizer, build_scheduler, optimizer_class
 from library.training.state import LoadedState, Progress, load_state, recover_state, restore_rng, save_state
 
@@ -219,7 +219,7 @@ def _train(job: Job, method: Method, accelerator, state: LoadedState | None, sta
         raise ConfigError(f"{job.source}: nothing to train: every learning rate is 0 or every part is disabled.")
     if job.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
-        if method.trains_text_encoder:
+        if method.needs_text_encoder_grad:
             # transformers 5.x renamed it (the old name warns); older releases only have the old one
             enable = getattr(model.text_encoder, "activation_checkpointing_enable", None)
             (enable or model.text_encoder.gradient_checkpointing_enable)()
@@ -296,7 +296,7 @@ def _train(job: Job, method: Method, accelerator, state: LoadedState | None, sta
     sampler = _in_training_sampler(job, model, device, method) if is_main else None
 
     def encode(captions: list[str]) -> torch.Tensor:
-        if method.trains_text_encoder:
+        if method.needs_text_encoder_grad:
             with accelerator.autocast():
                 return encode_texts(model.tokenizer, model.text_encoder, captions, job.max_token_length, job.clip_skip)
         missing = [c for c in dict.fromkeys(captions) if c not in text_cache]
@@ -426,9 +426,10 @@ def _train(job: Job, method: Method, accelerator, state: LoadedState | None, sta
                 mine = group[rank::world]
                 step_loss = torch.zeros((), device=device)
                 for k, batch in enumerate(mine):
-                    first_index = (k * world + rank) * len(batch["captions"])
-                    loss = method.adjust_loss(batch_loss(batch, global_step, first_index), batch, global_step,
-                                              first_index, batch_loss)
+                    number = k * world + rank
+                    where = MicroBatch(global_step, number, number * len(batch["captions"]))
+                    loss = method.adjust_loss(batch_loss(batch, global_step, where.first_index), batch, where,
+                                              batch_loss)
                     step_loss += loss.detach() / len(mine)
                     accelerator.backward(loss / len(mine))
                 if world > 1:

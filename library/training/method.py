@@ -28,6 +28,16 @@ class TrainContext:
     wait_for_everyone: Callable[[], None] = lambda: None  # a barrier across the processes
 
 
+@dataclass(frozen=True)
+class MicroBatch:
+    """Where a micro-batch sits in the run: its optimizer step, its number within the step (counted over
+    all processes), and the index of its first sample (which, with the seed, fixes its noise)."""
+
+    step: int
+    number: int
+    first_index: int
+
+
 # torch dtypes of the save_precision values ("float" is sd-scripts' name for fp32)
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
 
@@ -47,17 +57,15 @@ class Method:
         raise NotImplementedError
 
     @property
-    def trains_text_encoder(self) -> bool:
+    def needs_text_encoder_grad(self) -> bool:
+        """Whether gradients must flow through the text encoder (it or something in it trains); if not, the
+        loop encodes each distinct caption once, without gradients."""
         return False
-
-    @property
-    def trains_unet(self) -> bool:
-        return True
 
     def before_dataset(self, ctx: TrainContext) -> None:
         """Called after setup, before the dataset is read (DreamBooth generates missing class images here)."""
 
-    def adjust_loss(self, loss: torch.Tensor, batch: dict, step: int, index: int,
+    def adjust_loss(self, loss: torch.Tensor, batch: dict, where: "MicroBatch",
                     batch_loss: Callable[[dict, int, int], torch.Tensor]) -> torch.Tensor:
         """The loss to back-propagate for one micro-batch (default: unchanged).
 

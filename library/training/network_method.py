@@ -53,7 +53,7 @@ class NetworkMethod(Method):
         self.network = None
 
     @property
-    def trains_text_encoder(self) -> bool:
+    def needs_text_encoder_grad(self) -> bool:
         return self.te_lr > 0
 
     def setup(self, ctx: TrainContext) -> list[dict]:

@@ -202,12 +202,8 @@ class TextualInversionMethod(Method):
         return ".pt" if self.job.save_model_as == "pt" else ".safetensors"
 
     @property
-    def trains_text_encoder(self) -> bool:
+    def needs_text_encoder_grad(self) -> bool:
         return True  # gradients flow through the (frozen) text encoder to the new vectors
-
-    @property
-    def trains_unet(self) -> bool:
-        return False
 
     @property
     def num_vectors(self) -> int:
@@ -323,14 +319,14 @@ class TextualInversionMethod(Method):
         finally:
             batches.close()
 
-    def adjust_loss(self, loss, batch, step, index, batch_loss):
+    def adjust_loss(self, loss, batch, where, batch_loss):
         if self.contrast is None:
             return loss
-        good = self._good_batch(step, index // max(1, len(batch["captions"])))
+        good = self._good_batch(where.step, where.number)
         # the same (seed, step, index) → the same timesteps and noise as the bad batch: a paired comparison
-        good_loss = batch_loss(good, step, index)
+        good_loss = batch_loss(good, where.step, where.first_index)
         gap = torch.log(good_loss.clamp_min(1e-12)) - torch.log(loss.clamp_min(1e-12))
-        self.contrast_log.append((step, float(gap.detach())))
+        self.contrast_log.append((where.step, float(gap.detach())))
         hinge = torch.relu(self.job.contrastive_margin - gap)
         return loss + self.job.contrastive_weight * loss.detach() * hinge
 
