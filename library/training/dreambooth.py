@@ -45,7 +45,7 @@ from library.config import Job
 from library.errors import ConfigError
 from library.schema import Field
 from library.training.fields import NETWORK_FIELDS
-from library.training.method import SAVE_DTYPES, Method, TrainContext
+from library.training.method import Method, TrainContext
 from library.training.network_method import NetworkMethod, part_learning_rates
 
 log = logging.getLogger("pentadactyl")
@@ -300,16 +300,16 @@ class DreamBoothFull(Method):
         for key, value in state.items():
             mine[key].copy_(value)
 
-    def save(self, path: Path, metadata: dict[str, str], save_precision: str) -> list[Path]:
+    def save(self, path: Path, metadata: dict[str, str], dtype: torch.dtype, final: bool = False) -> list[Path]:
         from library.models.loading import save_sd1_diffusers, save_sd1_single_file
 
         meta = dict(metadata)
         if meta:  # no_metadata leaves the file bare
             meta.update({"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-v1",
                          "modelspec.title": self.job.output_name, "modelspec.prediction_type": "epsilon"})
-        save_sd1_single_file(path, self.model, SAVE_DTYPES[save_precision], meta)
+        save_sd1_single_file(path, self.model, dtype, meta)
         files = [path]
-        if self.job.save_diffusers_folder and path.stem == self.job.output_name:  # the final save only
+        if self.job.save_diffusers_folder and final:
             folder = path.with_suffix("")
             save_sd1_diffusers(folder, self.model)
             files.append(folder)

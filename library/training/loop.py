@@ -34,6 +34,7 @@ from library.text_encoding import encode_texts, long_captions
 from library.training import noise as nz
 from library.training.metadata import build_metadata
 from library.training.method import Method, MicroBatch, TrainContext
+from networks.files import SAVE_DTYPES
 from library.training.optimizers import build_optimizer, build_scheduler, optimizer_class
 from library.training.state import LoadedState, Progress, load_state, recover_state, restore_rng, save_state
 
@@ -291,6 +292,7 @@ def _train(job: Job, method: Method, accelerator, state: LoadedState | None, sta
     alphas_cumprod = nz.sd1_alphas_cumprod().to(device)
     text_cache: dict[str, torch.Tensor] = {}
     output_dir = Path(job.output_dir)
+    save_dtype = SAVE_DTYPES[job.save_precision]  # the job's choices are names of this table
     writer = _tensorboard_writer(job) if is_main else None
     result = TrainResult(final_files=[], global_step=global_step, model=model, method=method)
     sampler = _in_training_sampler(job, model, device, method) if is_main else None
@@ -341,7 +343,7 @@ def _train(job: Job, method: Method, accelerator, state: LoadedState | None, sta
             method.load_trainable_state(ema)
         failed = None
         try:
-            files = method.save(path, metadata, job.save_precision)
+            files = method.save(path, metadata, save_dtype, final=suffix == "")
         except WRITE_ERRORS as exc:
             failed = exc
         if ema is not None:

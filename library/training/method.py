@@ -38,8 +38,6 @@ class MicroBatch:
     first_index: int
 
 
-# torch dtypes of the save_precision values ("float" is sd-scripts' name for fp32)
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
 
 
 class Method:
@@ -104,8 +102,9 @@ class Method:
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
 
-    def save(self, path: Path, metadata: dict[str, str], save_precision: str) -> list[Path]:
-        """Write the user-facing artifact(s) atomically in save_precision ("fp16", "bf16", "float")."""
+    def save(self, path: Path, metadata: dict[str, str], dtype: torch.dtype, final: bool = False) -> list[Path]:
+        """Write the user-facing artifact(s) atomically, their weights in `dtype` (the job's save_precision);
+        `final`: the save at the end of the run (not a periodic or interrupted one)."""
         raise NotImplementedError
 
     def metadata(self) -> dict[str, Any]:

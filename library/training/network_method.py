@@ -79,10 +79,10 @@ class NetworkMethod(Method):
         full.update(state)
         self.network.load_kohya_state_dict(full, strict=True, source="the training state")
 
-    def save(self, path: Path, metadata: dict[str, str], save_precision: str) -> list[Path]:
+    def save(self, path: Path, metadata: dict[str, str], dtype: torch.dtype, final: bool = False) -> list[Path]:
         from networks import save_network
 
-        save_network(path, self.network.kohya_state_dict(), metadata, save_precision,
+        save_network(path, self.network.kohya_state_dict(), metadata, dtype,
                      include_dataset_metadata=not self.job.no_dataset_metadata)
         return [path]
 

@@ -350,15 +350,13 @@ class TextualInversionMethod(Method):
         with torch.no_grad():
             self.vectors.copy_(value.to(self.vectors.device, torch.float32))
 
-    def saved_vectors(self, save_precision: str = "float") -> torch.Tensor:
-        from library.training.method import SAVE_DTYPES
+    def saved_vectors(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.vectors.detach().to("cpu", dtype).contiguous()
 
-        return self.vectors.detach().to("cpu", SAVE_DTYPES[save_precision]).contiguous()
-
-    def save(self, path: Path, metadata: dict[str, str], save_precision: str) -> list[Path]:
+    def save(self, path: Path, metadata: dict[str, str], dtype: torch.dtype, final: bool = False) -> list[Path]:
         from library.embeddings import save_embedding_pt, save_embedding_safetensors
 
-        vectors = self.saved_vectors(save_precision)
+        vectors = self.saved_vectors(dtype)
         path.parent.mkdir(parents=True, exist_ok=True)
         if self.job.save_model_as == "pt":
             save_embedding_pt(path, vectors, step=int(metadata.get("ss_steps", 0) or 0),
