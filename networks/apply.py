@@ -7,16 +7,15 @@ for sample.py and the tests.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import torch
 from torch import nn
 
 from library.errors import ConfigError, NetworkFileError
-from networks.files import group_by_module, load_network_file, module_alpha, module_rank, normalize_names
+from networks.files import group_by_module, module_alpha, module_rank, normalize_names
 from networks.locon import LoConModule, LoConNetwork, add_delta_, lora_delta
 from networks.names import DORA_SCALE, DOWN, MID, UP, unet_block_index
 from networks.targets import Target, iter_layers, kohya_name_for, part_of

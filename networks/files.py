@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import os
 import re
 import struct
@@ -17,7 +16,7 @@ from library.errors import NetworkFileError
 from library.fileio import save_safetensors_atomic
 from library.safe_pickle import PICKLE_SUFFIXES, load_pickle
 from networks.names import (
-    ALPHA, DORA_SCALE, DOWN, LORA_PARTS, MID, OTHER_ALGORITHMS, TE_PREFIX, UNET_PREFIX, UP,
+    ALPHA, DOWN, LORA_PARTS, OTHER_ALGORITHMS, TE_PREFIX, UNET_PREFIX, UP,
     split_key, to_diffusers_name,
 )
 

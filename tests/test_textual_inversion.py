@@ -92,8 +92,8 @@ class CheckedMethod(TextualInversionMethod):
                              list(ctx.model.unet.state_dict().items()) + list(self.text_encoder.state_dict().items())}
         return groups
 
-    def after_optimizer_step(self):
-        super().after_optimizer_step()
+    def after_optimizer_step(self, step):
+        super().after_optimizer_step(step)
         vocab = self.start_matrix.shape[0]
         with torch.no_grad():
             rows = self.text_encoder.get_input_embeddings()(torch.arange(vocab + self.num_vectors))

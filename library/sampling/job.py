@@ -16,7 +16,6 @@ import torch
 from library.errors import ConfigError
 from library.sampling.prompts import PromptSpec, parse_prompt_file, parse_prompt_line, validate_spec
 from library.sampling.schedulers import DEFAULT_SAMPLER, resolve_sampler
-from library.schema import Field
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

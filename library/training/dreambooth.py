@@ -35,7 +35,6 @@ state folder and freezes at once when it is already past N. 0 or a negative valu
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
@@ -43,7 +42,6 @@ import torch
 
 from library.config import Job
 from library.errors import ConfigError
-from library.schema import Field
 from library.training.fields import NETWORK_FIELDS
 from library.training.method import Method, TrainContext
 from library.training.network_method import NetworkMethod, part_learning_rates
@@ -109,16 +107,6 @@ def class_folder_name(prompt: str) -> str:
 # ------------------------------------------------------------------------------------------ shared parts
 
 
-def resumed_step(job: Job) -> int:
-    """The global step a resumed run starts from (0 when not resuming; the loop reports a bad folder)."""
-    if not job.resume:
-        return 0
-    try:
-        return int(json.loads((Path(job.resume) / "progress.json").read_text())["global_step"])
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
 def make_class_images(ctx: TrainContext, eval_modules) -> None:
     """Generate the missing class images of every is_reg subset (main process; the others wait)."""
     from library.training.class_images import check_writable, generate_class_images, plan_class_images
@@ -159,7 +147,7 @@ class TextEncoderStop:
 
     def __init__(self, job: Job):
         self.stop = job.stop_text_encoder_training
-        self.step = resumed_step(job)
+        self.step = 0  # optimizer steps done, set by start()
         self.params: list[torch.nn.Parameter] = []
 
     @property
@@ -170,13 +158,13 @@ class TextEncoderStop:
     def active(self) -> bool:
         return bool(self.params) and (self.stop is None or self.step < self.stop)
 
-    def start(self, params: list[torch.nn.Parameter]) -> None:
-        self.params = params
+    def start(self, params: list[torch.nn.Parameter], step: int) -> None:
+        self.params, self.step = params, step
         if not self.active:
             self._freeze()
 
-    def after_step(self) -> None:
-        self.step += 1
+    def after_step(self, step: int) -> None:
+        self.step = step
         if self.params and self.stop is not None and self.step == self.stop:
             log.info(f"step {self.step}: text-encoder training stops (stop_text_encoder_training)")
             self._freeze()
@@ -215,7 +203,7 @@ class DreamBoothLoRA(NetworkMethod):
 
     def setup(self, ctx: TrainContext) -> list[dict]:
         groups = super().setup(ctx)
-        self.te_stop.start([p for g in groups if g["name"] == "text_encoder" for p in g["params"]])
+        self.te_stop.start([p for g in groups if g["name"] == "text_encoder" for p in g["params"]], ctx.start_step)
         return groups
 
     def before_dataset(self, ctx: TrainContext) -> None:
@@ -225,8 +213,8 @@ class DreamBoothLoRA(NetworkMethod):
         finally:
             self.network.set_multiplier(1.0)
 
-    def after_optimizer_step(self) -> None:
-        self.te_stop.after_step()
+    def after_optimizer_step(self, step: int) -> None:
+        self.te_stop.after_step(step)
 
     def metadata(self) -> dict[str, str]:
         return {**super().metadata(), **_dreambooth_metadata(self.job)}
@@ -276,7 +264,7 @@ class DreamBoothFull(Method):
             module.requires_grad_(lr > 0)
             if lr > 0:
                 groups.append({"params": list(module.parameters()), "lr": lr, "name": name})
-        self.te_stop.start(groups[0]["params"] if self.te_lr > 0 else [])
+        self.te_stop.start(groups[0]["params"] if self.te_lr > 0 else [], ctx.start_step)
         return groups
 
     def before_dataset(self, ctx: TrainContext) -> None:
@@ -285,8 +273,8 @@ class DreamBoothFull(Method):
     def modules(self) -> list[torch.nn.Module]:
         return list(self._parts().values())
 
-    def after_optimizer_step(self) -> None:
-        self.te_stop.after_step()
+    def after_optimizer_step(self, step: int) -> None:
+        self.te_stop.after_step(step)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {f"{part}.{name}": p for part, module in self._parts().items() for name, p in module.named_parameters()}

@@ -211,7 +211,8 @@ def _train(job: Job, method: Method, accelerator, state: LoadedState | None, sta
     if is_main:
         log.info(f"loaded {model.source} in {model.load_seconds:.1f} s")
     attention = set_attention_backend(model.unet, job, device)
-    ctx = TrainContext(job, model, device, weight_dtype, rank, world, accelerator.wait_for_everyone)
+    ctx = TrainContext(job, model, device, weight_dtype, rank, world, accelerator.wait_for_everyone,
+                       start_step=state.progress.global_step if state is not None else 0)
     # what the method trains in full stays float32: a round trip through bf16/fp16 would lose the base's low bits
     for part in ("unet", "text_encoder"):
         getattr(model, part).to(device, torch.float32 if part in method.full_precision_parts else weight_dtype)
@@ -448,7 +449,7 @@ def _train(job: Job, method: Method, accelerator, state: LoadedState | None, sta
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                method.after_optimizer_step()
+                method.after_optimizer_step(global_step + 1)
                 if ema is not None:
                     _ema_update(ema, method.trainable_state(), job.ema_decay)
                 global_step += 1

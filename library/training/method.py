@@ -26,6 +26,7 @@ class TrainContext:
     rank: int = 0  # this process's index, and how many train together (DDP)
     world: int = 1
     wait_for_everyone: Callable[[], None] = lambda: None  # a barrier across the processes
+    start_step: int = 0  # the global step the run starts from (a resumed run's saved step)
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,8 @@ class Method:
         for module in self.modules():
             module.train(training)
 
-    def after_optimizer_step(self) -> None:
-        """Called after every optimizer step (textual inversion restores the frozen embedding rows)."""
+    def after_optimizer_step(self, step: int) -> None:
+        """Called after optimizer step `step` (counted from 1; textual inversion checks the frozen rows)."""
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The trained tensors, by stable names: saved in the training state, averaged by EMA."""

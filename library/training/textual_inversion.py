@@ -32,8 +32,6 @@ import torch
 
 from library.config import Job
 from library.errors import ConfigError
-from library.schema import Field
-from library.training.fields import MAX_VECTORS
 from library.training.method import Method, TrainContext
 
 log = logging.getLogger("pentadactyl")
@@ -330,7 +328,7 @@ class TextualInversionMethod(Method):
         hinge = torch.relu(self.job.contrastive_margin - gap)
         return loss + self.job.contrastive_weight * loss.detach() * hinge
 
-    def after_optimizer_step(self) -> None:
+    def after_optimizer_step(self, step: int) -> None:
         weight, version = self._frozen
         current = self.rows.embedding.weight
         if current is not weight or current._version != version:
