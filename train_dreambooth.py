@@ -53,7 +53,7 @@ def main(argv: list[str]):
     from library.training.loop import run_training_job
 
     create_class_folder_for_folder_mode(argv)
-    job = dreambooth.prepare_job(job_from_command_line("train_dreambooth", argv))
+    job = job_from_command_line("train_dreambooth", argv)
     return run_training_job(job, dreambooth.make_method(job))
 
 

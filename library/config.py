@@ -228,4 +228,6 @@ def load_job(script: str, argv: list[str] | None = None, config_path: str | None
         command_line = {k: values[k] for k in cli}  # the command line wins over the dataset tables too
         datasets = resolve_datasets(job_dataset_values, dataset_tables or None, str(dataset_source), Path.cwd(),
                                     command_line)
+    if spec.rules is not None:
+        datasets = spec.rules(MappingProxyType(resolved), frozenset(values), datasets, source)
     return Job(script, resolved, source, values.keys(), datasets)

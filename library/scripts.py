@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 from library.dataset.config import DATASET_JOB_FIELDS
 from library.fields import DATASET_FILE_FIELD, MODEL_FIELDS, OUTPUT_FIELDS
@@ -18,6 +18,10 @@ from library.training.fields import (
     DREAMBOOTH_FIELDS, NETWORK_FIELDS, SAMPLING_DURING_TRAINING_FIELDS, SAVING_FIELDS, TEXTUAL_INVERSION_FIELDS,
     TI_SAVING_FIELDS, TRAINING_FIELDS,
 )
+from library.training.rules import dreambooth_rules, textual_inversion_rules
+
+# (resolved values, keys the user set, datasets, source) -> datasets; raises ConfigError
+Rules = Callable[[Mapping[str, Any], frozenset, Any, str], Any]
 
 
 @dataclass(frozen=True)
@@ -25,16 +29,18 @@ class ScriptSchema:
     name: str
     fields: Mapping[str, Field]
     has_datasets: bool
+    rules: Rules | None = None  # the script's rules between keys
 
 
-def _script(name: str, groups: tuple[Mapping[str, Field], ...], has_datasets: bool = True) -> ScriptSchema:
+def _script(name: str, groups: tuple[Mapping[str, Field], ...], has_datasets: bool = True,
+            rules: Rules | None = None) -> ScriptSchema:
     fields: dict[str, Field] = {}
     for group in groups:
         for key, spec in group.items():
             if key in fields and fields[key] != spec:
                 raise AssertionError(f"{name}: key {key} declared twice with different meanings")
             fields[key] = spec
-    return ScriptSchema(name, MappingProxyType(fields), has_datasets)
+    return ScriptSchema(name, MappingProxyType(fields), has_datasets, rules)
 
 
 _TRAINING = (MODEL_FIELDS, OUTPUT_FIELDS, TRAINING_FIELDS, SAMPLING_DURING_TRAINING_FIELDS, DATASET_JOB_FIELDS,
@@ -42,7 +48,8 @@ _TRAINING = (MODEL_FIELDS, OUTPUT_FIELDS, TRAINING_FIELDS, SAMPLING_DURING_TRAIN
 
 SCRIPTS: Mapping[str, ScriptSchema] = MappingProxyType({s.name: s for s in (
     _script("train_network", _TRAINING + (SAVING_FIELDS, NETWORK_FIELDS)),
-    _script("train_textual_inversion", _TRAINING + (TI_SAVING_FIELDS, TEXTUAL_INVERSION_FIELDS)),
-    _script("train_dreambooth", _TRAINING + (SAVING_FIELDS, NETWORK_FIELDS, DREAMBOOTH_FIELDS)),
+    _script("train_textual_inversion", _TRAINING + (TI_SAVING_FIELDS, TEXTUAL_INVERSION_FIELDS),
+            rules=textual_inversion_rules),
+    _script("train_dreambooth", _TRAINING + (SAVING_FIELDS, NETWORK_FIELDS, DREAMBOOTH_FIELDS), rules=dreambooth_rules),
     _script("sample", (MODEL_FIELDS, SAMPLE_FIELDS, OUTPUT_FIELDS), has_datasets=False),
 )})

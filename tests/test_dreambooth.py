@@ -284,17 +284,17 @@ def test_job_errors_name_the_key_and_fix(tmp_path, tiny_single_file, subject):
     classes = tmp_path / "class"
     job = write_job(tmp_path, tiny_single_file, subject, classes, dreambooth_mode="full")
     with pytest.raises(ConfigError, match=r"network_alpha, network_dim set LoRA options.*dreambooth_mode"):
-        dreambooth.prepare_job(load_job("train_dreambooth", config_path=str(job)))
+        load_job("train_dreambooth", config_path=str(job))
     lone = tmp_path / "lone.toml"
     lone.write_text(f'pretrained_model_name_or_path = "{tiny_single_file}"\nnum_class_images = 10\n'
                     f'train_data_dir = "{tmp_path / "train"}"\n')
     (tmp_path / "train" / "5_sks").mkdir(parents=True)
     instance_folder(tmp_path / "train" / "5_sks", count=1)
     with pytest.raises(ConfigError, match=r"no subset has is_reg = true.*is_reg = true"):
-        dreambooth.prepare_job(load_job("train_dreambooth", config_path=str(lone)))
+        load_job("train_dreambooth", config_path=str(lone))
     bad = write_job(tmp_path / "s", tiny_single_file, subject, classes, num_class_images=2, class_image_sampler="dmp")
     with pytest.raises(ConfigError, match=r"class_image_sampler: unknown sampler 'dmp'"):
-        dreambooth.prepare_job(load_job("train_dreambooth", config_path=str(bad)))
+        load_job("train_dreambooth", config_path=str(bad))
 
 
 def test_folder_mode_class_folder_is_created_and_captions_default_to_class_prompt(tmp_path, tiny_single_file):
@@ -305,7 +305,7 @@ def test_folder_mode_class_folder_is_created_and_captions_default_to_class_promp
             "--reg_data_dir", str(reg), "--num_class_images", "3", "--class_prompt", "a photo of hand"]
     train_dreambooth.create_class_folder_for_folder_mode(argv)
     assert [p.name for p in reg.iterdir()] == ["1_a photo of hand"]
-    job = dreambooth.prepare_job(load_job("train_dreambooth", argv))
+    job = load_job("train_dreambooth", argv)
     (reg_subset,) = [s for s in job.datasets[0].subsets if s.is_reg]
     assert reg_subset.image_dir == reg / "1_a photo of hand" and reg_subset.class_tokens == "a photo of hand"
 
@@ -313,8 +313,7 @@ def test_folder_mode_class_folder_is_created_and_captions_default_to_class_promp
 @pytest.mark.parametrize("name", ["palms_lora", "handshakes_lora", "palms_full"])
 def test_presets_load(name, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # the presets' relative folders need not exist until training
-    job = dreambooth.prepare_job(load_job("train_dreambooth",
-                                          config_path=str(REPO / "dataset_configs" / f"dreambooth_{name}.toml")))
+    job = load_job("train_dreambooth", config_path=str(REPO / "dataset_configs" / f"dreambooth_{name}.toml"))
     instance, reg = job.datasets[0].subsets
     assert (instance.class_tokens, reg.class_tokens, reg.is_reg) == ("a photo of sks hand", "a photo of hand", True)
     assert job.num_class_images == 200 and job.max_train_steps == 800 and job.train_batch_size == 1

@@ -55,9 +55,9 @@ def test_preset_is_a_valid_job(name, tmp_path, monkeypatch):
 
         NetworkMethod(job)  # network settings are valid too
     if script == "train_dreambooth":
-        from library.training.dreambooth import make_method, prepare_job
+        from library.training.dreambooth import make_method
 
-        make_method(prepare_job(job))
+        make_method(job)
     if script == "train_textual_inversion":
         from library.training.textual_inversion import TextualInversionMethod
 

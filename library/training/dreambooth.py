@@ -1,6 +1,6 @@
 """DreamBooth: a subject from a few images, with prior preservation; trained as a LoRA or in full.
 
-    job = prepare_job(load_job("train_dreambooth", argv))
+    job = load_job("train_dreambooth", argv)
     result = train(job, make_method(job))      # DreamBoothLoRA or DreamBoothFull
 
 Instance and class images. Instance images are ordinary subsets ("a photo of sks hand"); class
@@ -34,7 +34,6 @@ state folder and freezes at once when it is already past N. 0 or a negative valu
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
@@ -42,57 +41,11 @@ import torch
 
 from library.config import Job
 from library.errors import ConfigError
-from library.training.fields import NETWORK_FIELDS
 from library.training.method import Method, TrainContext
 from library.training.network_method import NetworkMethod, part_learning_rates
+from library.training.rules import reg_subsets
 
 log = logging.getLogger("pentadactyl")
-
-LORA_ONLY_KEYS = tuple(k for k in NETWORK_FIELDS if k.startswith("network_"))
-
-
-# ------------------------------------------------------------------------------------------ the job
-
-
-def reg_subsets(job: Job):
-    """(dataset config, subset config) of every is_reg subset."""
-    return [(ds, sub) for ds in job.datasets or [] for sub in ds.subsets if sub.is_reg]
-
-
-def check_job(job: Job) -> None:
-    """DreamBooth's own checks, before the (slow) model load."""
-    if job.dreambooth_mode == "full":
-        given = sorted(k for k in LORA_ONLY_KEYS if k in job.given)
-        if given:
-            raise ConfigError(f"{job.source}: {', '.join(given)} set LoRA options, but dreambooth_mode = \"full\" "
-                              "fine-tunes the whole U-Net; remove them, or set dreambooth_mode = \"lora\". "
-                              "(unet_lr / text_encoder_lr apply to both modes.)")
-    if job.num_class_images:
-        regs = reg_subsets(job)
-        if not regs:
-            raise ConfigError(f"{job.source}: num_class_images = {job.num_class_images}, but no subset has "
-                              "is_reg = true. Add a [[datasets.subsets]] with image_dir = \"class_images\" and "
-                              "is_reg = true (or reg_data_dir in folder mode), or set num_class_images = 0.")
-        for _, sub in regs:
-            if not (job.class_prompt or sub.class_tokens):
-                raise ConfigError(f"{sub.where}: class images are to be generated but there is no prompt for them; "
-                                  "set class_prompt = \"a photo of hand\" (or class_tokens on this subset).")
-        from library.sampling import resolve_sampler
-
-        resolve_sampler(job.class_image_sampler, f"{job.source}: class_image_sampler")
-
-
-def prepare_job(job: Job) -> Job:
-    """The job as DreamBooth trains it: checked, and class images without a caption file captioned with
-    class_prompt (a reg subset's own class_tokens win)."""
-    check_job(job)
-    if not job.class_prompt or job.datasets is None:
-        return job
-    datasets = [dataclasses.replace(ds, subsets=tuple(
-        dataclasses.replace(sub, class_tokens=job.class_prompt) if sub.is_reg and sub.class_tokens is None else sub
-        for sub in ds.subsets)) for ds in job.datasets]
-    return Job(job.script, job.as_dict(), job.source, job.given, datasets)
-
 
 def make_method(job: Job) -> Method:
     return DreamBoothFull(job) if job.dreambooth_mode == "full" else DreamBoothLoRA(job)
@@ -116,7 +69,7 @@ def make_class_images(ctx: TrainContext, eval_modules) -> None:
         return
     is_main = ctx.rank == 0
     plans = []
-    for ds, sub in reg_subsets(job):
+    for ds, sub in reg_subsets(job.datasets):
         plan = plan_class_images(sub.image_dir, job.class_prompt or sub.class_tokens, job.num_class_images,
                                  job.seed, ds.resolution)
         if plan.missing:

@@ -175,15 +175,8 @@ class TextualInversionMethod(Method):
     def __init__(self, job: Job):
         self.job = job
         self.token = job.token_string.strip()
-        if job.use_object_template and job.use_style_template:
-            raise ConfigError(f"{job.source}: use_object_template and use_style_template exclude each other; "
-                              "set one of them.")
         self.templates = STYLE_TEMPLATES if job.use_style_template else OBJECT_TEMPLATES
         self.template_kind = "style" if job.use_style_template else "object"
-        contrast_keys = [k for k in ("contrastive_margin", "contrastive_weight") if k in job.given]
-        if contrast_keys and not job.contrastive_data_dir:
-            raise ConfigError(f"{job.source}: {', '.join(contrast_keys)} set without contrastive_data_dir; add "
-                              "contrastive_data_dir = \"folder of good images\" or remove the key(s).")
         self.tokens: list[str] = []
         self.token_ids: list[int] = []
         self.vectors: torch.nn.Parameter | None = None

@@ -1,0 +1,61 @@
+"""Rules between the keys of a training job, applied once by the job loader (library/config.py).
+
+Each rule takes the resolved values, the keys the user set, the typed datasets and the job's source (for
+messages); it raises ConfigError or returns the datasets as the script will train them. Nothing after the
+loader checks keys against each other again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from library.errors import ConfigError
+from library.training.fields import NETWORK_FIELDS
+
+LORA_ONLY_KEYS = tuple(k for k in NETWORK_FIELDS if k.startswith("network_"))
+
+
+def textual_inversion_rules(values: Mapping[str, Any], given: frozenset[str], datasets: list, source: str) -> list:
+    if values["use_object_template"] and values["use_style_template"]:
+        raise ConfigError(f"{source}: use_object_template and use_style_template exclude each other; set one of them.")
+    contrast_keys = [k for k in ("contrastive_margin", "contrastive_weight") if k in given]
+    if contrast_keys and not values["contrastive_data_dir"]:
+        raise ConfigError(f"{source}: {', '.join(contrast_keys)} set without contrastive_data_dir; add "
+                          "contrastive_data_dir = \"folder of good images\" or remove the key(s).")
+    return datasets
+
+
+def reg_subsets(datasets: list | None) -> list:
+    """(dataset config, subset config) of every is_reg subset."""
+    return [(ds, sub) for ds in datasets or [] for sub in ds.subsets if sub.is_reg]
+
+
+def dreambooth_rules(values: Mapping[str, Any], given: frozenset[str], datasets: list, source: str) -> list:
+    """Full mode takes no LoRA keys; generated class images need a reg subset and a prompt. Class images
+    without a caption file are captioned with class_prompt (a reg subset's own class_tokens win)."""
+    if values["dreambooth_mode"] == "full":
+        lora_keys = sorted(k for k in LORA_ONLY_KEYS if k in given)
+        if lora_keys:
+            raise ConfigError(f"{source}: {', '.join(lora_keys)} set LoRA options, but dreambooth_mode = \"full\" "
+                              "fine-tunes the whole U-Net; remove them, or set dreambooth_mode = \"lora\". "
+                              "(unet_lr / text_encoder_lr apply to both modes.)")
+    class_prompt = values["class_prompt"]
+    if values["num_class_images"]:
+        regs = reg_subsets(datasets)
+        if not regs:
+            raise ConfigError(f"{source}: num_class_images = {values['num_class_images']}, but no subset has "
+                              "is_reg = true. Add a [[datasets.subsets]] with image_dir = \"class_images\" and "
+                              "is_reg = true (or reg_data_dir in folder mode), or set num_class_images = 0.")
+        for _, sub in regs:
+            if not (class_prompt or sub.class_tokens):
+                raise ConfigError(f"{sub.where}: class images are to be generated but there is no prompt for them; "
+                                  "set class_prompt = \"a photo of hand\" (or class_tokens on this subset).")
+        from library.sampling.schedulers import resolve_sampler
+
+        resolve_sampler(values["class_image_sampler"], f"{source}: class_image_sampler")
+    if not class_prompt or datasets is None:
+        return datasets
+    return [dataclasses.replace(ds, subsets=tuple(
+        dataclasses.replace(sub, class_tokens=class_prompt) if sub.is_reg and sub.class_tokens is None else sub
+        for sub in ds.subsets)) for ds in datasets]
