@@ -86,7 +86,7 @@ def test_resume_of_an_older_state_past_the_new_epoch_end_is_refused(tmp_path, ti
 
 def test_a_resume_with_other_processes_but_the_same_global_batch_is_accepted():
     """2 processes × 1 accumulation step consume the same batches per step as 1 × 2: the position holds."""
-    from library.training.loop import check_position_fits
+    from library.training.state import check_position_fits
     from library.training.state import Progress
 
     saved = Progress(global_step=3, epoch=1, batches_done_in_epoch=2, num_processes=2, seed=7, method="network",

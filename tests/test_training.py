@@ -184,7 +184,7 @@ def test_periodic_saves_pruning_ema_tensorboard_and_text_cache(tmp_path, tiny_si
 def test_what_falls_due_after_a_step():
     from types import SimpleNamespace
 
-    from library.training.loop import Due, due_after_step
+    from library.training.schedule import Due, due_after_step
 
     job = SimpleNamespace(save_every_n_steps=4, save_every_n_epochs=2, save_state=True, validate_every_n_steps=None,
                           sample_every_n_steps=3, sample_every_n_epochs=None)

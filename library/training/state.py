@@ -12,12 +12,17 @@ import random
 import logging
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from library.errors import ConfigError
 from library.fileio import atomic_dir, recover_dir
+
+if TYPE_CHECKING:
+    from library.config import Job
+    from library.training.method import Method
 
 log = logging.getLogger("pentadactyl")
 
@@ -30,8 +35,8 @@ _DAMAGED = ("this state cannot be resumed. Resume from another state folder, or 
 @dataclass
 class Progress:
     global_step: int
-    epoch: int  # 0-based epoch in progress
-    batches_done_in_epoch: int  # local micro-batches of `epoch` already consumed
+    epoch: int  # the epoch in progress, counted from 1
+    batches_done_in_epoch: int  # batches of `epoch` already consumed, over all processes
     num_processes: int
     seed: int
     method: str
@@ -146,3 +151,42 @@ def restore_rng(rng: dict) -> None:
     random.setstate((rng["python_version"], tuple(rng["python"]), rng["python_gauss"]))
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+# ---- does a saved state fit this run
+
+
+def check_state_fits_job(state: LoadedState, job: Job, method: Method) -> None:
+    """Refuse a resume that could not continue the saved run exactly (what the epochs look like is checked
+    once the dataset is known: `check_position_fits`)."""
+    where = f"resume = \"{job.resume}\""
+    if state.progress.method != method.name:
+        raise ConfigError(f"{where}: this state is from a {state.progress.method} run, not {method.name}.")
+    if state.progress.seed != job.seed:
+        raise ConfigError(f"{where}: the state was saved by a run with seed = {state.progress.seed}, this job has "
+                          f"seed = {job.seed}. The noise and order of the remaining steps derive from the seed: set "
+                          f"seed = {state.progress.seed} to resume exactly, or start a new run without resume.")
+
+
+def check_position_fits(progress: Progress, resume: str, batches_per_epoch: int, batches_per_step: int,
+                        batch_size: int, world: int) -> None:
+    """The saved position must mean the same in this run: same batches per epoch and per step."""
+    saved = (progress.batches_per_epoch, progress.batches_per_step)
+    now = (batches_per_epoch, batches_per_step)
+    if progress.batches_per_epoch is None:  # a state of an earlier version records only the position
+        changed = progress.batches_done_in_epoch >= batches_per_epoch
+    else:
+        changed = saved != now
+    if not changed:
+        return
+    if progress.batches_per_epoch is None:
+        was = f"{progress.batches_done_in_epoch} batches of epoch {progress.epoch} were already done"
+    else:
+        was = (f"{progress.batches_per_epoch} batches of {progress.batch_size} images per epoch, "
+               f"{progress.batches_per_step} batches per optimizer step ({progress.num_processes} process(es))")
+    raise ConfigError(
+        f"resume = \"{resume}\": the state was saved when {was}; this run has {batches_per_epoch} batches of "
+        f"{batch_size} per epoch, {batches_per_step} per step ({world} process(es)). The images, num_repeats, "
+        "train_batch_size, gradient_accumulation_steps or the number of processes changed since, so the saved "
+        "position means nothing here. Restore them to resume exactly, or start a new run from the weights saved "
+        "so far (network_weights = for a LoRA, weights = for an embedding).")

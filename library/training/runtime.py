@@ -1,0 +1,116 @@
+"""What a training run needs from its surroundings: the accelerator and precision, the attention backend,
+signals, memory figures, TensorBoard, and the small tensor helpers of DDP and EMA."""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from library.config import Job
+from library.errors import ConfigError
+
+log = logging.getLogger("pentadactyl")
+
+
+def make_accelerator(job: Job):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    # Several processes without CUDA (torchrun / accelerate launch on CPUs): accelerate uses gloo
+    # only when told the run is on the CPU.
+    cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if job.mixed_precision == "fp16" and PartialState(cpu=cpu_ddp).device.type == "cpu":
+        raise ConfigError("mixed_precision = \"fp16\" does not work on the CPU (torch silently computes in fp32 "
+                          "there). Use mixed_precision = \"bf16\" on the CPU, or train on a CUDA GPU.")
+    # one process may run several jobs (tests, notebooks): forget the previous job's precision,
+    # keep the process group
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=job.mixed_precision, cpu=cpu_ddp)
+
+
+def weight_dtype_of(mixed_precision: str) -> torch.dtype:
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+
+
+def set_attention_backend(unet, job: Job, device: torch.device) -> str:
+    if job.xformers:
+        if device.type != "cuda":
+            raise ConfigError("xformers = true needs a CUDA GPU (xformers has no CPU kernels); "
+                              "remove it to use torch's SDPA attention.")
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+        except Exception as exc:  # ImportError or xformers' own checks
+            raise ConfigError(f"xformers = true, but xformers cannot be used here: {exc}. "
+                              "pip install xformers (matching your torch), or remove the key.") from None
+        return "xformers"
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    unet.set_attn_processor(AttnProcessor2_0() if job.sdpa else AttnProcessor())
+    return "sdpa" if job.sdpa else "math"
+
+
+class StopFlag:
+    """SIGINT/SIGTERM → finish the current step, save, exit. A second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        log.warning(f"\nreceived {signal.Signals(signum).name}: finishing this step, then saving state and weights")
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def peak_memory_text(device: torch.device) -> str:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # KiB → GiB on Linux
+    text = f"peak RSS {rss:.2f} GiB"
+    if device.type == "cuda":
+        text += f", peak CUDA {torch.cuda.max_memory_allocated(device) / 1024 ** 3:.2f} GiB"
+    return text
+
+
+def all_reduce_mean(tensors: list[torch.Tensor]) -> None:
+    import torch.distributed as dist
+
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset:offset + n].view_as(t))
+        offset += n
+
+
+@torch.no_grad()
+def ema_update(ema: dict[str, torch.Tensor], current: dict[str, torch.Tensor], decay: float) -> None:
+    for key, value in current.items():
+        ema[key].mul_(decay).add_(value.detach().float(), alpha=1 - decay)
+
+
+def tensorboard_writer(job: Job):
+    if not job.logging_dir:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = f"{job.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}"
+    return SummaryWriter(str(Path(job.logging_dir) / run))
