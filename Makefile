@@ -19,10 +19,10 @@ quickstart: install
 	$(VPY) quickstart.py
 
 study: install
-	$(VPY) -m library.toy_hands.study --out toy_study
+	$(VPY) -m toy_hands.study --out toy_study
 
 study-quick: install
-	$(VPY) -m library.toy_hands.study --out toy_study_quick --quick
+	$(VPY) -m toy_hands.study --out toy_study_quick --quick
 
 test: install
 	$(VPY) -m pytest -q tests

@@ -29,7 +29,7 @@ def main(argv: list[str]) -> None:
 
     from library.config import load_job
     from library.sampling.run import run_sample_job
-    from library.toy_hands import count_fingers, write_hand_folder
+    from toy_hands import count_fingers, write_hand_folder
 
     log = logging.getLogger("pentadactyl")
     if not IMAGES.is_dir():

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without installing
 
-from library.toy_hands import analyse_hand, degrade, draw_hand, sample_example  # noqa: E402
+from toy_hands import analyse_hand, degrade, draw_hand, sample_example  # noqa: E402
 
 COUNTS = {3: 1.0, 4: 1.0, 5: 1.0, 6: 1.0, 7: 1.0}
 

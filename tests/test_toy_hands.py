@@ -11,15 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageOps
 
-from library.toy_hands import (
-    BACKGROUNDS, MANIFEST, SKIN_TONES, HandParams, ObjectParams, analyse_hand, caption_for, count_fingers,
+from toy_hands import (
+    BACKGROUNDS, MANIFEST, HandParams, ObjectParams, analyse_hand, caption_for, count_fingers,
     draw_hand, draw_object, hand_extent, hand_geometry, read_manifest, render, sample_example, sample_hand_params,
     web_like_counts, write_hand_folder,
 )
-from library.toy_hands.augment import add_noise, blur
-from library.toy_hands.params import METALS, POLISH_COLOURS, POSES
+from toy_hands.augment import add_noise, blur
+from toy_hands.params import METALS, POLISH_COLOURS, POSES
 
 # Written from the study's grammar, independently of caption_for.
 HAND_CAPTION = re.compile(
@@ -239,6 +239,28 @@ def test_counter_evidence_and_edge_cases():
     assert count_fingers(np.asarray(draw_hand(p))) == 6  # arrays are accepted
     assert count_fingers(Image.new("RGB", (64, 64), (200, 200, 200))) == 0
     assert count_fingers(draw_hand(dataclasses.replace(BASE, digits=0))) == 0
+
+
+def test_counter_building_blocks_on_small_masks():
+    from library.evaluate import counter
+
+    # 8-neighbour components: pixels touching at a corner are one part
+    diagonal = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 0], [1, 1, 0]], dtype=bool)
+    labels, n = counter._labels(diagonal)
+    assert n == 2 and labels[0, 0] == labels[1, 1] == 1 and labels[3, 0] == labels[3, 1] == 2
+    # a closed ring's inside is a hole and is filled; a gap open to the edge only at a corner is not
+    # (the background is 8-connected as well)
+    ring = np.zeros((7, 7), dtype=bool)
+    ring[1:6, 1:6] = True
+    ring[2:5, 2:5] = False
+    assert counter._fill_holes(ring)[1:6, 1:6].all() and counter._fill_holes(ring).sum() == 25
+    corner = np.array([[1, 1, 1, 1], [1, 0, 1, 1], [1, 1, 0, 1], [1, 1, 1, 0]], dtype=bool)
+    assert np.array_equal(counter._fill_holes(corner), corner)
+    # Euclidean distance to the nearest True pixel (the palm radius is a true radius)
+    point = np.zeros((6, 6), dtype=bool)
+    point[0, 0] = True
+    d = counter._distance(point)
+    assert d[0, 0] == 0 and d[4, 3] == pytest.approx(5.0) and d[5, 5] == pytest.approx(5 * 2 ** 0.5)
 
 
 def test_fused_fingers_count_once():

@@ -10,8 +10,8 @@ from safetensors import safe_open
 
 from library.models import architecture as arch
 from library.models.loading import load_sd1
-from library.toy_hands import TOY_MODEL_PATH, count_fingers
-from library.toy_hands import pretrain
+from toy_hands import TOY_MODEL_PATH, count_fingers
+from toy_hands import pretrain
 
 
 def test_latent_rescale_is_exact_and_gives_unit_latents():

@@ -10,9 +10,9 @@ from PIL import Image
 
 from library.config import load_job
 from library.errors import ConfigError
-from library.toy_hands import TOY_MODEL_PATH
-from library.toy_hands import study
-from library.toy_hands.report import HandScore, line_plot, markdown_table, pixel_change
+from toy_hands import TOY_MODEL_PATH
+from toy_hands import study
+from toy_hands.report import HandScore, markdown_table, pixel_change, write_line_plot
 
 
 def test_hand_score_rates_and_wilson_interval():
@@ -28,7 +28,7 @@ def test_hand_score_rates_and_wilson_interval():
     assert (lo + hi) / 2 == pytest.approx(0.5) and hi - lo == pytest.approx(2 * 0.0686, abs=1e-3)
 
 
-def test_pixel_change_and_table_and_plot():
+def test_pixel_change_and_table_and_plot(tmp_path):
     black, white = Image.new("RGB", (8, 8), "black"), Image.new("RGB", (8, 8), "white")
     assert pixel_change([black, white], [black, white]) == 0.0
     assert pixel_change([black], [white]) == pytest.approx(1.0)
@@ -36,10 +36,13 @@ def test_pixel_change_and_table_and_plot():
         pixel_change([black], [])
     table = markdown_table(["a", "b"], [[1, "x"]])
     assert table.splitlines() == ["| a | b |", "|---|---|", "| 1 | x |"]
-    plot = line_plot({"run": [(0, 0.1), (50, 0.4), (100, 0.7)]}, "t", "step", "rate", baseline=0.1)
-    assert plot.size == (720, 440)
-    colours = {tuple(c) for c in np.asarray(plot).reshape(-1, 3)}
-    assert (31, 119, 180) in colours  # the first series' colour is drawn
+    path = tmp_path / "plot.png"
+    write_line_plot(path, {"run": [(0, 0.1), (50, 0.4), (100, 0.7)]}, "t", "step", "rate", baseline=0.1)
+    assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]  # no temporary left beside it
+    with Image.open(path) as plot:
+        assert plot.format == "PNG" and plot.size == (720, 440)
+        colours = {tuple(c) for c in np.asarray(plot.convert("RGB")).reshape(-1, 3)}
+    assert (31, 119, 180) in colours  # the first series is drawn (matplotlib's first colour, #1f77b4)
 
 
 def test_study_refuses_a_folder_that_holds_a_study(tmp_path):

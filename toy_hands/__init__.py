@@ -3,18 +3,23 @@
 It reproduces the hand study in miniature without real SD1.5 weights: hands drawn procedurally (palm,
 digits, thumb; pose, size, rotation, left/right, front/back, skin tone, polish, jewellery, background)
 with captions in the study's 11K-Hands grammar, which never says how many fingers a hand has, so a
-model has to learn "a hand has five digits" from the images alone. The counter then plays the study's
-bespoke classifier: the share of generated hands with five digits.
+model has to learn "a hand has five digits" from the images alone. The finger counter
+(`library/evaluate/counter.py`, re-exported here) then plays the study's bespoke classifier: the share
+of generated hands with five digits; `evaluate.py rate-with-counter` uses it as a rater.
+
+It lives beside `library/` and `bench/`, not inside the library: study.py runs the top-level scripts
+(train_network.py, ...) and everything here uses `library/`, while nothing in `library/` imports it. Run
+its commands from the repository root (`python -m toy_hands.study`), as the scripts are run.
 
 Files:
     params.py   HandParams / ObjectParams, samplers (clean: always 5 digits; web-like: a chosen share;
                 poses: any, web, spread), captions
     draw.py     draw_hand / draw_object: polygons at 4× size, downsampled (anti-aliased)
     folder.py   examples by (seed, index), write_hand_folder (PNG + caption + manifest), read_manifest
-    counter.py  count_fingers / analyse_hand: classical geometry, numpy + PIL only
     augment.py  blur, noise, colour shift, resampling, JPEG: what generated images suffer
     pretrain.py the script that trained the shipped toy hand model (toy-hands-sd1.safetensors)
     study.py    the hand study in miniature on that model; report.py its scores, table and plot
+                (matplotlib)
 
 Typical use:
 
@@ -26,11 +31,11 @@ Typical use:
 
 from pathlib import Path
 
-from library.toy_hands.augment import degrade
-from library.toy_hands.counter import FingerCount, analyse_hand, count_fingers
-from library.toy_hands.draw import draw_hand, draw_object, hand_extent, hand_geometry
-from library.toy_hands.folder import MANIFEST, read_manifest, render, sample_example, write_hand_folder
-from library.toy_hands.params import (
+from toy_hands.augment import degrade
+from library.evaluate.counter import FingerCount, analyse_hand, count_fingers
+from toy_hands.draw import draw_hand, draw_object, hand_extent, hand_geometry
+from toy_hands.folder import MANIFEST, read_manifest, render, sample_example, write_hand_folder
+from toy_hands.params import (
     BACKGROUNDS, CLEAN_COUNTS, OBJECT_KINDS, POSES, SKIN_TONES, HandParams, ObjectParams, caption_for, sample_hand_params,
     sample_object_params, web_like_counts,
 )

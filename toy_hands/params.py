@@ -200,7 +200,7 @@ def sample_hand_params(rng: random.Random, *, counts: Mapping[int, float] | None
         spread=round(rng.uniform(*spread_range), 3), finger_length=round(rng.uniform(0.85, 1.1), 3),
         background=rng.choice([b for b in backgrounds if _visible(skin, b)] or backgrounds),
     )
-    from library.toy_hands.draw import hand_extent  # geometry lives with the drawing code
+    from toy_hands.draw import hand_extent  # geometry lives with the drawing code
 
     scale, rotation = rng.uniform(0.85, 1.1), rng.uniform(-tilt, tilt)
     for _ in range(20):  # shrink until the fingers fit; the wrist always runs off the bottom edge

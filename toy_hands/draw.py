@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
-from library.toy_hands.params import (
+from toy_hands.params import (
     BACKGROUNDS, METALS, OBJECT_COLOURS, POLISH_COLOURS, RGB, SKIN_TONES, HandParams, ObjectParams,
 )
 

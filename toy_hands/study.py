@@ -1,7 +1,7 @@
 """The hand study in miniature, in one command, on the pretrained toy hand model:
 
-    python -m library.toy_hands.study --out toy_study            (about 34 minutes on 2 CPU cores)
-    python -m library.toy_hands.study --out toy_study --quick    (a few minutes: the same steps, smaller)
+    python -m toy_hands.study --out toy_study            (about 34 minutes on 2 CPU cores)
+    python -m toy_hands.study --out toy_study --quick    (a few minutes: the same steps, smaller)
 
 Every row trains through the public scripts (train_network.py, train_textual_inversion.py,
 train_dreambooth.py) from a TOML job written to <out>/jobs/, and every image comes from a sample job
@@ -22,7 +22,7 @@ import argparse
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,11 +31,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from library.fileio import atomic_path, write_text_atomic
-from library.toy_hands import TOY_MODEL_PATH
-from library.toy_hands.counter import count_fingers
-from library.toy_hands.folder import render, sample_example, write_hand_folder
-from library.toy_hands.params import HandParams, ObjectParams, caption_for
-from library.toy_hands.report import HandScore, line_plot, markdown_table, pixel_change
+from library.schema import job_toml
+from toy_hands import TOY_MODEL_PATH
+from library.evaluate.counter import count_fingers
+from toy_hands.folder import render, sample_example, write_hand_folder
+from toy_hands.params import HandParams, ObjectParams, caption_for
+from toy_hands.report import HandScore, markdown_table, pixel_change, write_line_plot
 
 log = logging.getLogger("pentadactyl")
 
@@ -91,25 +92,10 @@ NETWORK_ROWS: list[tuple[str, str, dict[str, Any], str]] = [
 
 # ------------------------------------------------------------------------------------------ helpers
 
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
-
-
 def write_job(path: Path, keys: dict[str, Any], subsets: Sequence[dict[str, Any]] = (),
               dataset: dict[str, Any] | None = None, comment: str = "") -> Path:
-    lines = [f"# {line}" for line in comment.splitlines()]
-    lines += [f"{k} = {toml_value(v)}" for k, v in keys.items() if v is not None]
-    if subsets:
-        lines += ["", "[[datasets]]"] + [f"{k} = {toml_value(v)}" for k, v in (dataset or {}).items()]
-        for subset in subsets:
-            lines += ["  [[datasets.subsets]]"] + [f"  {k} = {toml_value(v)}" for k, v in subset.items()]
-    write_text_atomic(path, "\n".join(lines) + "\n")
+    datasets = [{**(dataset or {}), "subsets": list(subsets)}] if subsets else None
+    write_text_atomic(path, job_toml(keys, datasets=datasets, comment=comment))
     return path
 
 
@@ -376,10 +362,8 @@ class Study:
                 f"{table}\nLoRA attention r64 at other multipliers (0 is the base model):\n\n{sweep_table}\n"
                 "![five-finger rate against training step](score_vs_step.png)\n")
         write_text_atomic(self.out / "results.md", text)
-        plot = line_plot(self.curves, "five-finger rate during training", "training step", "five-finger rate",
-                         baseline=self.base_curve)
-        with atomic_path(self.out / "score_vs_step.png") as tmp:
-            plot.save(tmp, format="PNG")
+        write_line_plot(self.out / "score_vs_step.png", self.curves, "five-finger rate during training",
+                        "training step", "five-finger rate", baseline=self.base_curve)
         columns = min(8, len(self.eval_seeds))
         keys = list(self.images)
         grid = image_grid([self.images[k][:columns] for k in keys], [self.rows[k]["label"] for k in keys], [])

@@ -1,10 +1,10 @@
 """Pretrain the toy hand model: a small SD1-architecture VAE, text encoder and U-Net that draw toy hands
 about as badly as SD1.5 draws real ones. The shipped model is two runs of this script:
 
-    python -m library.toy_hands.pretrain --out toy-stage1.safetensors
-    python -m library.toy_hands.pretrain --init toy-stage1.safetensors --seed 1 --images 8000 \
+    python -m toy_hands.pretrain --out toy-stage1.safetensors
+    python -m toy_hands.pretrain --init toy-stage1.safetensors --seed 1 --images 8000 \
         --five_finger_share 0.05 --wrong_counts extra --unet_steps 1200 --unet_batch 32 --lr 4e-4 \
-        --save_every 0 --out library/toy_hands/toy-hands-sd1.safetensors
+        --save_every 0 --out toy_hands/toy-hands-sd1.safetensors
 
 The first learns to draw hands (and its VAE) from a mix where half the hands have five digits; the
 second, like a later crawl of worse pictures, leaves the VAE alone and tunes the U-Net and text encoder on
@@ -51,9 +51,9 @@ from library.errors import ModelLoadError
 from library.models.loading import SD1Model, load_sd1, save_sd1_single_file
 from library.models.tokenizer import load_tokenizer
 from library.text_encoding import encode_token_chunks, tokenize_chunks
-from library.toy_hands.counter import count_fingers
-from library.toy_hands.folder import render, sample_example
-from library.toy_hands.params import POSES, WRONG_COUNTS, HandParams, caption_for, web_like_counts
+from library.evaluate.counter import count_fingers
+from toy_hands.folder import render, sample_example
+from toy_hands.params import POSES, WRONG_COUNTS, HandParams, caption_for, web_like_counts
 from library.training.noise import add_noise, min_snr_weights, sd1_alphas_cumprod
 
 TOY_VAE_CONFIG: dict = {
@@ -254,7 +254,7 @@ def load_init(path: Path) -> tuple[SD1Model, dict]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Pretrain the toy hand model (see the module docstring).")
-    parser.add_argument("--out", default="library/toy_hands/toy-hands-sd1.safetensors")
+    parser.add_argument("--out", default="toy_hands/toy-hands-sd1.safetensors")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--images", type=int, default=24000)
     parser.add_argument("--five_finger_share", type=float, default=0.5)

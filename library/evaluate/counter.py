@@ -1,4 +1,4 @@
-"""Counting the digits of a toy hand by classical geometry (numpy + PIL only): the study's
+"""Counting the digits of a toy hand by classical geometry (numpy, PIL and scipy.ndimage): the study's
 "bespoke classifier" for our miniature.
 
 1. Foreground: the background is the median border colour; a pixel is hand when its colour distance
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 WORK_SIZE = 128
 PAD = 1  # a frame of background: the distance transform then sees the image edge as an edge
@@ -34,8 +35,7 @@ REFERENCE = (0.6, 0.15)  # the setting that breaks ties
 MIN_LENGTH = 0.35  # a digit must reach this far (× R) beyond the opened palm
 MIN_CONTRAST = 24.0  # colour distance below which nothing counts as foreground
 MIN_PART = 0.02  # foreground parts smaller than this share of the largest are noise
-_NEIGHBOURS = ((-1, 0, 1.0), (1, 0, 1.0), (0, -1, 1.0), (0, 1, 1.0),
-               (-1, -1, 1.414), (-1, 1, 1.414), (1, -1, 1.414), (1, 1, 1.414))
+_EIGHT = np.ones((3, 3), dtype=bool)  # 8-neighbour connectivity for ndimage.label and binary_fill_holes
 
 
 @dataclass
@@ -61,7 +61,7 @@ def analyse_hand(image: Image.Image | np.ndarray) -> FingerCount:
     if mask.sum() < 30:
         return FingerCount(0, 1.0)
     mask = np.pad(mask, PAD)
-    depth = _distance(~mask, limit=WORK_SIZE)
+    depth = _distance(~mask)  # depth inside the hand: distance to the nearest background pixel
     radius = float(depth.max())
     cy, cx = (float(v.mean()) for v in np.nonzero(depth >= radius - 0.5))
     border = np.zeros_like(mask)
@@ -73,7 +73,7 @@ def analyse_hand(image: Image.Image | np.ndarray) -> FingerCount:
         r = opening * radius
         core = depth > r
         # distance to the eroded core; the opened palm is where it is at most r
-        reach = _distance(core, limit=int(r + 3.0 * radius) + 2)
+        reach = _distance(core)
         for band in BANDS:
             digits = mask & (reach > r + band * radius)
             tips = _digit_tips(digits, reach, border, r + MIN_LENGTH * radius)
@@ -113,12 +113,12 @@ def _foreground(pixels: np.ndarray) -> np.ndarray:
                            pixels[:, :2].reshape(-1, 3), pixels[:, -2:].reshape(-1, 3)])
     background = np.median(ring, axis=0)
     contrast = np.sqrt(((pixels - background) ** 2).sum(axis=2))
-    labels = _labels(contrast > max(_otsu(contrast), MIN_CONTRAST))
-    ids, sizes = np.unique(labels[labels >= 0], return_counts=True)
-    if len(ids) == 0:
+    labels, n = _labels(contrast > max(_otsu(contrast), MIN_CONTRAST))
+    if n == 0:
         return np.zeros(contrast.shape, dtype=bool)
+    sizes = np.bincount(labels.ravel())[1:]
     # Specks of noise are tiny beside the hand; a fingertip cut off by a faint ring or nail is not.
-    keep = ids[sizes >= MIN_PART * sizes.max()]
+    keep = np.flatnonzero(sizes >= MIN_PART * sizes.max()) + 1
     return _fill_holes(np.isin(labels, keep))
 
 
@@ -133,56 +133,29 @@ def _otsu(values: np.ndarray, bins: int = 128) -> float:
     return float(centres[int(np.argmax(between))])
 
 
-def _distance(source: np.ndarray, limit: int) -> np.ndarray:
-    """Chamfer distance (steps 1 and √2) from the nearest True pixel of `source`, iterated to a fixed
-    point or `limit` rounds; pixels further than that keep a large value."""
-    big = np.float32(1e6)
-    d = np.where(source, np.float32(0), big).astype(np.float32)
-    h, w = d.shape
-    for _ in range(limit):
-        new = d.copy()
-        for dy, dx, step in _NEIGHBOURS:
-            src = d[max(0, -dy): h - max(0, dy), max(0, -dx): w - max(0, dx)]
-            dst = new[max(0, dy): h - max(0, -dy), max(0, dx): w - max(0, -dx)]
-            np.minimum(dst, src + np.float32(step), out=dst)
-        if np.array_equal(new, d):
-            break
-        d = new
-    return d
-
-
-def _labels(mask: np.ndarray) -> np.ndarray:
-    """Connected components (8-neighbour) by min-label propagation with pointer jumping; -1 outside."""
-    h, w = mask.shape
-    n = h * w
-    labels = np.where(mask, np.arange(n).reshape(h, w), n)
-    while True:
-        new = labels.copy()
-        for dy, dx, _ in _NEIGHBOURS:
-            src = labels[max(0, -dy): h - max(0, dy), max(0, -dx): w - max(0, dx)]
-            dst = new[max(0, dy): h - max(0, -dy), max(0, dx): w - max(0, -dx)]
-            np.minimum(dst, src, out=dst)
-        new = np.where(mask, new, n)
-        flat = np.append(new.ravel(), n)
-        new = flat[new]  # jump: take the label of the pixel my label names (same component, smaller)
-        if np.array_equal(new, labels):
-            return np.where(mask, labels, -1)
-        labels = new
+def _distance(source: np.ndarray) -> np.ndarray:
+    """Euclidean distance of every pixel to the nearest True pixel of `source` (0 on it)."""
+    return ndimage.distance_transform_edt(~source)
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
-    """Background pixels that cannot reach the border (creases, nails, a ring) become foreground."""
-    labels = _labels(np.pad(~mask, 1, constant_values=True))  # the padding joins all border background
-    holes = (labels >= 0) & (labels != labels[0, 0])
-    return mask | holes[1:-1, 1:-1]
+    """Background that cannot reach the image edge (creases, nails, a ring) becomes foreground. The
+    background is 8-connected too, so a gap that meets the outside only at a corner is not a hole."""
+    return ndimage.binary_fill_holes(mask, structure=_EIGHT)
+
+
+def _labels(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """Connected components of `mask`, 8-neighbour (a one-pixel-wide slanted stroke stays one part),
+    numbered 1..n in raster order of their first pixel; 0 outside."""
+    return ndimage.label(mask, structure=_EIGHT)
 
 
 def _digit_tips(digits: np.ndarray, reach: np.ndarray, border: np.ndarray,
                 min_reach: float) -> list[tuple[float, float]]:
     """The tip (x, y) of each component that is long enough and does not touch the border."""
-    labels = _labels(digits)
+    labels, n = _labels(digits)
     tips = []
-    for label in np.unique(labels[labels >= 0]):
+    for label in range(1, n + 1):
         part = labels == label
         if (part & border).any():
             continue

@@ -10,8 +10,8 @@ from typing import Any, Mapping
 from PIL import Image
 
 from library.fileio import atomic_path, write_text_atomic
-from library.toy_hands.draw import draw_hand, draw_object
-from library.toy_hands.params import (
+from toy_hands.draw import draw_hand, draw_object
+from toy_hands.params import (
     HandParams, ObjectParams, caption_for, params_from_dict, sample_hand_params, sample_object_params,
 )
 
