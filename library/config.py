@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping
 
 from library.dataset import resolve_datasets
 from library.errors import ConfigError
-from library.schema import Field, Unsupported, check_value, did_you_mean, load_toml, parse_cli_value
+from library.schema import Field, Unsupported, check_value, did_you_mean, load_toml, parse_cli_value, toml_value
 from library.scripts import SCRIPTS, ScriptSchema
 
 # Tables of a job file that hold datasets rather than job keys.
@@ -97,7 +97,7 @@ class Job:
         for key in sorted(self._values):
             value = self._values[key]
             if value is not None:
-                lines.append(f"{key} = {_toml_value(value)}")
+                lines.append(f"{key} = {toml_value(value)}")
         if self.datasets is not None:
             lines.append("")
             lines.append("# datasets (resolved)")
@@ -105,20 +105,6 @@ class Job:
             for line in json.dumps(plain, indent=2, default=str).splitlines():
                 lines.append(f"# {line}")
         return "\n".join(lines) + "\n"
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    return json.dumps(str(value))
 
 
 def _line_of(text: str, key: str) -> str:

@@ -10,7 +10,8 @@ MODEL_FIELDS: dict[str, Field] = {
         nullable=False, section="model"),
     "clip_skip": Field("int", 1, "use the output of the N-th last CLIP layer (1 = last, 2 = anime models).",
                        minimum=1, maximum=12, section="model"),
-    "max_token_length": Field("int", 75, "caption length in tokens: 75, 150 or 225 (chunks of 75, as A1111).",
+    "max_token_length": Field("int", 75, "caption length in tokens: 75, 150 or 225 (chunks of 75, as A1111); "
+                              "sample prompts are never cut, as in WebUI.",
                               choices=(75, 150, 225), section="model"),
     "seed": Field("int", 42, "random seed of the whole run (initialisation, noise, shuffling).", section="model"),
 }

@@ -164,3 +164,47 @@ def load_toml(path) -> dict:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: TOML syntax error: {exc}. Fix that line (strings need quotes, "
                           "tables [name], arrays [1, 2]).") from None
+
+
+def toml_value(value: Any) -> str:
+    """One value as TOML: booleans, numbers, strings (a JSON string is a valid TOML basic string), arrays and
+    inline tables; anything else (a Path) is written as its string."""
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    return json.dumps(str(value))
+
+
+def job_toml(keys: Mapping[str, Any], general: Mapping[str, Any] | None = None,
+             datasets: list[Mapping[str, Any]] | None = None, comment: str = "") -> str:
+    """A job file's text: top-level keys (None left out), an optional `[general]` table and
+    `[[datasets]]` tables, each with its `subsets` list written as `[[datasets.subsets]]`."""
+    lines = [f"# {line}" if line else "#" for line in comment.splitlines()]
+    lines += [f"{k} = {toml_value(v)}" for k, v in keys.items() if v is not None]
+    if general:
+        lines += ["", "[general]"] + [f"{k} = {toml_value(v)}" for k, v in general.items() if v is not None]
+    for dataset in datasets or []:
+        lines += ["", "[[datasets]]"]
+        lines += [f"{k} = {toml_value(v)}" for k, v in dataset.items() if k != "subsets" and v is not None]
+        for subset in dataset.get("subsets", []):
+            lines += ["  [[datasets.subsets]]"] + [f"  {k} = {toml_value(v)}" for k, v in subset.items()
+                                                   if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+def parse_key_values(items: list[str] | None, key_name: str) -> dict[str, str]:
+    """sd-scripts' `["conv_dim=8", "conv_alpha=4"]` → {"conv_dim": "8", "conv_alpha": "4"}."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{key_name}: '{item}' is not of the form name=value (e.g. \"conv_dim=8\").")
+        out[key.strip()] = value.strip()
+    return out

@@ -12,13 +12,13 @@ from typing import Any, Callable, Mapping
 
 from library.dataset.config import DATASET_JOB_FIELDS
 from library.fields import DATASET_FILE_FIELD, MODEL_FIELDS, OUTPUT_FIELDS
-from library.sampling.fields import SAMPLE_FIELDS
+from library.sampling.fields import SAMPLE_FIELDS, SAMPLE_MODEL_FIELDS
 from library.schema import Field
 from library.training.fields import (
     DREAMBOOTH_FIELDS, NETWORK_FIELDS, SAMPLING_DURING_TRAINING_FIELDS, SAVING_FIELDS, TEXTUAL_INVERSION_FIELDS,
     TI_SAVING_FIELDS, TRAINING_FIELDS,
 )
-from library.training.rules import dreambooth_rules, textual_inversion_rules
+from library.training.rules import dreambooth_rules, network_rules, textual_inversion_rules
 
 # (resolved values, keys the user set, datasets, source) -> datasets; raises ConfigError
 Rules = Callable[[Mapping[str, Any], frozenset, Any, str], Any]
@@ -47,9 +47,9 @@ _TRAINING = (MODEL_FIELDS, OUTPUT_FIELDS, TRAINING_FIELDS, SAMPLING_DURING_TRAIN
              DATASET_FILE_FIELD)
 
 SCRIPTS: Mapping[str, ScriptSchema] = MappingProxyType({s.name: s for s in (
-    _script("train_network", _TRAINING + (SAVING_FIELDS, NETWORK_FIELDS)),
+    _script("train_network", _TRAINING + (SAVING_FIELDS, NETWORK_FIELDS), rules=network_rules),
     _script("train_textual_inversion", _TRAINING + (TI_SAVING_FIELDS, TEXTUAL_INVERSION_FIELDS),
             rules=textual_inversion_rules),
     _script("train_dreambooth", _TRAINING + (SAVING_FIELDS, NETWORK_FIELDS, DREAMBOOTH_FIELDS), rules=dreambooth_rules),
-    _script("sample", (MODEL_FIELDS, SAMPLE_FIELDS, OUTPUT_FIELDS), has_datasets=False),
+    _script("sample", (SAMPLE_MODEL_FIELDS, SAMPLE_FIELDS, OUTPUT_FIELDS), has_datasets=False),
 )})

@@ -15,7 +15,7 @@ Used by `sample.py` and by the training loop. The interface the trainer uses:
         # or parse_prompt_file(path, PromptSpec(prompt="", width=64, height=64))
         # defaults otherwise: 30 steps, 512x512, CFG 7.5; each line/table can override them
     sampler = Sampler(unet, vae, text_encoder, tokenizer, clip_skip=job.clip_skip,
-                      max_token_length=job.max_token_length, device=accelerator.device,
+                      max_token_length=None, device=accelerator.device,  # prompts uncut, as in WebUI
                       autocast_dtype=torch.bfloat16,          # optional: mixed precision
                       sampler=job.sample_sampler, model_name="v1-5",
                       networks=[NetworkLabel(job.output_name, 1.0)],  # shown as <lora:name:1> in the PNGs

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 from library.sampling.schedulers import DEFAULT_SAMPLER
+from library.fields import MODEL_FIELDS
 from library.schema import Field
 
 S = "sampling"
+
+# sample.py reads the model keys of the training scripts, but its prompts have no length limit by default
+SAMPLE_MODEL_FIELDS: dict[str, Field] = {
+    **MODEL_FIELDS,
+    "max_token_length": Field("int", None, "cut prompts after 75, 150 or 225 tokens; default: no limit (any "
+                              "number of 75-token chunks, as WebUI).", choices=(75, 150, 225), section="model"),
+}
 
 SAMPLE_FIELDS: dict[str, Field] = {
     "prompt": Field("str", None, "one prompt; sd-scripts options may follow it: "

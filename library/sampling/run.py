@@ -37,6 +37,14 @@ def model_display_name(path: str) -> str:
     return p.stem if p.is_file() else p.name
 
 
+def job_sampler(model, job, *, device, sampler: str, max_token_length: int | None = None, **options) -> Sampler:
+    """A Sampler over a loaded model with what every job fixes: its CLIP skip, the checkpoint's display
+    name, the default sampler; `options` are Sampler's own (dtypes, networks, embeddings, progress…)."""
+    return Sampler(model.unet, model.vae, model.text_encoder, model.tokenizer, clip_skip=job.clip_skip,
+                   max_token_length=max_token_length, device=device, sampler=sampler,
+                   model_name=model_display_name(job.pretrained_model_name_or_path), **options)
+
+
 def run_sample_job(job, progress: bool = True) -> SampleJobResult:
     from library.embeddings import add_embeddings, embedding_files, load_embeddings
     from library.models.loading import load_sd1
@@ -67,11 +75,8 @@ def run_sample_job(job, progress: bool = True) -> SampleJobResult:
     for network, mode in zip(loaded, modes):
         log.info(f"network {network.path.name}: {'merged' if mode == 'merge' else 'patched'} at {format_number(network.multiplier)}")
 
-    sampler = Sampler(
-        model.unet, model.vae, model.text_encoder, model.tokenizer, clip_skip=job.clip_skip,
-        max_token_length=job.max_token_length if "max_token_length" in job.given else None,
-        device=device, vae_dtype=vae_dtype, sampler=job.sampler,
-        model_name=model_display_name(job.pretrained_model_name_or_path),
+    sampler = job_sampler(
+        model, job, device=device, sampler=job.sampler, max_token_length=job.max_token_length, vae_dtype=vae_dtype,
         model_hash=model_short_hash(job.pretrained_model_name_or_path, progress=progress),
         networks=[n.label() for n in loaded], embedding_tokens=token_map, embedding_hashes=ti_hashes,
         progress=progress)

@@ -17,8 +17,8 @@ from typing import Callable, Sequence
 import torch
 
 from library.sampling.job import training_sample_specs
-from library.sampling.pipeline import NetworkLabel, SampleRun, Sampler
-from library.sampling.run import model_display_name
+from library.sampling.pipeline import NetworkLabel, SampleRun
+from library.sampling.run import job_sampler
 
 log = logging.getLogger("pentadactyl")
 
@@ -41,13 +41,8 @@ def make_training_sampler(job, model, device: torch.device | str, eval_modules: 
     specs = training_sample_specs(job.sample_prompts, width=width, height=height, sampler=job.sample_sampler)
     # a LoRA being trained is named in the PNGs as <lora:output_name:1>, as WebUI would load the file
     networks = [NetworkLabel(job.output_name, 1.0)] if trains_network else []
-    sampler = Sampler(
-        model.unet, model.vae, model.text_encoder, model.tokenizer, clip_skip=job.clip_skip,
-        max_token_length=job.max_token_length if "max_token_length" in job.given else None,
-        device=device, sampler=job.sample_sampler,
-        model_name=model_display_name(job.pretrained_model_name_or_path), networks=networks,
-        embedding_tokens=embedding_tokens,
-        eval_modules=eval_modules)
+    sampler = job_sampler(model, job, device=device, sampler=job.sample_sampler, networks=networks,
+                          embedding_tokens=embedding_tokens, eval_modules=eval_modules)
     out_dir = Path(job.output_dir) / SAMPLE_FOLDER
 
     def sample_now(step: int, epoch: int) -> SampleRun:

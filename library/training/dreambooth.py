@@ -79,15 +79,11 @@ def make_class_images(ctx: TrainContext, eval_modules) -> None:
                      f"(num_class_images = {job.num_class_images})")
         plans.append(plan)
     if is_main and any(p.missing for p in plans):
-        from library.sampling import Sampler
-        from library.sampling.run import model_display_name
+        from library.sampling.run import job_sampler
 
-        model = ctx.model
-        sampler = Sampler(model.unet, model.vae, model.text_encoder, model.tokenizer, clip_skip=job.clip_skip,
-                          device=ctx.device, sampler=job.class_image_sampler,
-                          autocast_dtype=None if ctx.weight_dtype == torch.float32 else ctx.weight_dtype,
-                          model_name=model_display_name(job.pretrained_model_name_or_path),
-                          eval_modules=eval_modules, progress=False)
+        sampler = job_sampler(ctx.model, job, device=ctx.device, sampler=job.class_image_sampler,
+                              autocast_dtype=None if ctx.weight_dtype == torch.float32 else ctx.weight_dtype,
+                              eval_modules=eval_modules, progress=False)
         written = generate_class_images(plans, sampler, job.class_negative_prompt, job.class_image_steps,
                                         job.class_image_cfg_scale, job.class_image_sampler,
                                         job.class_image_batch_size)

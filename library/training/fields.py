@@ -87,7 +87,7 @@ SAMPLING_DURING_TRAINING_FIELDS: dict[str, Field] = {
 
 NETWORK_FIELDS: dict[str, Field] = {
     "network_module": Field("str", "networks.lora", "the network type: networks.lora (LoRA, and LoCon when "
-                            "conv_dim is given in network_args).", choices=("networks.lora", "networks.locon"),
+                            "conv_dim is given in network_args) or networks.locon (the same module; conv_dim required).", choices=("networks.lora", "networks.locon"),
                             section="network"),
     "network_dim": Field("int", 4, "rank of the LoRA modules.", minimum=1, section="network"),
     "network_alpha": Field("float", 1.0, "alpha: the update is scaled by alpha / rank.", minimum=0,

@@ -7,28 +7,14 @@ from pathlib import Path
 import torch
 
 from library.config import Job
-from library.errors import ConfigError
+from library.schema import parse_key_values
 from library.training.method import Method, TrainContext
-
-
-def parse_key_values(items: list[str] | None, key_name: str) -> dict[str, str]:
-    """sd-scripts' `["conv_dim=8", "conv_alpha=4"]` → {"conv_dim": "8", "conv_alpha": "4"}."""
-    out: dict[str, str] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"{key_name}: '{item}' is not of the form name=value (e.g. \"conv_dim=8\").")
-        out[key.strip()] = value.strip()
-    return out
 
 
 def part_learning_rates(job: Job) -> tuple[float, float]:
     """(U-Net lr, text-encoder lr); 0 freezes a part."""
     unet_lr = job.learning_rate if job.unet_lr is None else job.unet_lr
     te_lr = job.learning_rate if job.text_encoder_lr is None else job.text_encoder_lr
-    if job.network_train_unet_only and job.network_train_text_encoder_only:
-        raise ConfigError(f"{job.source}: network_train_unet_only and network_train_text_encoder_only "
-                          "exclude each other; set at most one.")
     if job.network_train_unet_only:
         te_lr = 0.0
     if job.network_train_text_encoder_only:

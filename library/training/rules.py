@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any, Mapping
 
 from library.errors import ConfigError
+from library.schema import parse_key_values
 from library.training.fields import NETWORK_FIELDS
 
 LORA_ONLY_KEYS = tuple(k for k in NETWORK_FIELDS if k.startswith("network_"))
@@ -23,6 +24,20 @@ def textual_inversion_rules(values: Mapping[str, Any], given: frozenset[str], da
     if contrast_keys and not values["contrastive_data_dir"]:
         raise ConfigError(f"{source}: {', '.join(contrast_keys)} set without contrastive_data_dir; add "
                           "contrastive_data_dir = \"folder of good images\" or remove the key(s).")
+    return datasets
+
+
+def network_rules(values: Mapping[str, Any], given: frozenset[str], datasets: list, source: str) -> list:
+    """The LoRA keys between themselves: network_args well-formed, networks.locon with its convolution rank,
+    at most one of the two "train only" switches."""
+    args = parse_key_values(values["network_args"], f"{source}: network_args")
+    if values["network_module"] == "networks.locon" and "conv_dim" not in args:
+        raise ConfigError(f"{source}: network_module = \"networks.locon\" adapts the convolution layers too, but "
+                          "network_args has no conv_dim; add network_args = [\"conv_dim=8\", \"conv_alpha=4\"], or use "
+                          "network_module = \"networks.lora\" for attention layers only.")
+    if values["network_train_unet_only"] and values["network_train_text_encoder_only"]:
+        raise ConfigError(f"{source}: network_train_unet_only and network_train_text_encoder_only "
+                          "exclude each other; set at most one.")
     return datasets
 
 
@@ -40,6 +55,8 @@ def dreambooth_rules(values: Mapping[str, Any], given: frozenset[str], datasets:
             raise ConfigError(f"{source}: {', '.join(lora_keys)} set LoRA options, but dreambooth_mode = \"full\" "
                               "fine-tunes the whole U-Net; remove them, or set dreambooth_mode = \"lora\". "
                               "(unet_lr / text_encoder_lr apply to both modes.)")
+    else:
+        datasets = network_rules(values, given, datasets, source)
     class_prompt = values["class_prompt"]
     if values["num_class_images"]:
         regs = reg_subsets(datasets)

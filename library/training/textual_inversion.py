@@ -204,7 +204,7 @@ class TextualInversionMethod(Method):
 
     def _initial_vectors(self, tokenizer, token_matrix: torch.Tensor) -> torch.Tensor:
         job, width = self.job, int(token_matrix.shape[1])
-        asked = job.num_vectors_per_token if "num_vectors_per_token" in job.given else None
+        asked = job.num_vectors_per_token  # None unless the user set it
         if job.weights:
             from library.embeddings import load_embedding
 
