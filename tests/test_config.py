@@ -74,6 +74,28 @@ def test_cli_overrides_toml_and_sections_are_flattened(tmp_path):
         job.learning_rate = 1.0
 
 
+def test_network_keys_are_checked_against_each_other_when_the_job_loads(tmp_path):
+    with pytest.raises(ConfigError, match=r'job\.toml: network_module = "networks\.locon" adapts the convolution '
+                                          r'layers too, but network_args has no conv_dim; add network_args = '):
+        load_job("train_network", config_path=str(job_file(tmp_path, 'network_module = "networks.locon"\n')))
+    locon = load_job("train_network", config_path=str(job_file(
+        tmp_path, 'network_module = "networks.locon"\nnetwork_args = ["conv_dim=8", "conv_alpha=4"]\n')))
+    assert locon.network_args == ["conv_dim=8", "conv_alpha=4"]
+    with pytest.raises(ConfigError, match=r"job\.toml: network_args: 'conv_dim' is not of the form name=value"):
+        load_job("train_network", config_path=str(job_file(tmp_path, 'network_args = ["conv_dim"]\n')))
+    with pytest.raises(ConfigError, match="network_train_unet_only and network_train_text_encoder_only exclude each"):
+        load_job("train_network", config_path=str(job_file(
+            tmp_path, "network_train_unet_only = true\nnetwork_train_text_encoder_only = true\n")))
+
+
+def test_sample_prompts_have_no_length_limit_unless_asked(tmp_path):
+    path = tmp_path / "sample.toml"
+    path.write_text('pretrained_model_name_or_path = "m.safetensors"\nprompt = "a hand"\n')
+    assert load_job("sample", config_path=str(path)).max_token_length is None
+    assert load_job("sample", ["--config", str(path), "--max_token_length", "150"]).max_token_length == 150
+    assert load_job("train_network", config_path=str(job_file(tmp_path, ""))).max_token_length == 75
+
+
 def test_cli_errors():
     fields = schema("train_network").fields
     with pytest.raises(ConfigError, match=r"unknown option --netwrk_dim\. Did you mean 'network_dim'\?"):
@@ -90,6 +112,7 @@ def test_dataset_config_and_inline_datasets_exclude_each_other(tmp_path):
         load_job("train_network", config_path=str(path))
 
 
+@pytest.mark.slow
 def test_print_config_shows_resolved_job_and_exits(tmp_path):
     path = job_file(tmp_path, "network_dim = 12\n")
     proc = subprocess.run([sys.executable, str(REPO / "train_network.py"), "--config", str(path), "--print_config",
@@ -98,6 +121,7 @@ def test_print_config_shows_resolved_job_and_exits(tmp_path):
     assert "network_dim = 12" in proc.stdout and "seed = 3" in proc.stdout and "learning_rate = 0.0001" in proc.stdout
 
 
+@pytest.mark.slow
 def test_bad_job_in_script_prints_message_without_traceback(tmp_path):
     path = job_file(tmp_path, "network_dimm = 4\n")
     proc = subprocess.run([sys.executable, str(REPO / "train_network.py"), "--config", str(path)],

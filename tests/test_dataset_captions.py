@@ -36,7 +36,7 @@ def test_shuffle_keeps_leading_tokens_and_all_tags():
 
 def test_fixed_seed_gives_fixed_captions():
     opts = CaptionOptions(shuffle=True, tag_dropout_rate=0.3, keep_tokens=1)
-    assert run(opts, seed=7) == run(opts, seed=7)
+    assert [run(opts, seed=s) for s in (2, 1, 0)] == [run(opts, seed=s) for s in (0, 1, 2)][::-1]  # no hidden state
     # pinned: a change here changes what resumed runs train on
     assert run(opts, seed=0) == "hand, studio light, close-up, palm, five fingers"
     assert run(opts, seed=1) == "hand, studio light, palm, wrinkles, five fingers, close-up"

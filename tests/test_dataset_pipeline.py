@@ -115,7 +115,6 @@ def test_bad_images_are_skipped_counted_or_fatal(tmp_path):
     noise_image(folder / "trunc.png", (120, 120), seed=9)
     data_bytes = (folder / "trunc.png").read_bytes()
     (folder / "trunc.png").write_bytes(data_bytes[: len(data_bytes) // 2])  # header fine, pixels cut off
-    assert full  # keep the good images intact
 
     data = build(tmp_path, [{"image_dir": "imgs", "class_tokens": "hand"}])
     assert len(data.bad_images) == 2  # zero-byte and junk fail at the header
@@ -124,6 +123,7 @@ def test_bad_images_are_skipped_counted_or_fatal(tmp_path):
     assert data.num_train_images == 4  # the truncated one is only found by decoding
     data.check_images()
     assert data.num_train_images == 3 and any("trunc.png" in m and "truncated" in m for m in data.bad_images)
+    assert (folder / "000.png").read_bytes() == full  # the user's files are read, never rewritten
 
     with pytest.raises(DatasetError, match=r"junk.jpg.*corrupt.*skip_bad_images = false"):
         build(tmp_path, [{"image_dir": "imgs", "class_tokens": "hand"}], job={"skip_bad_images": False})

@@ -3,9 +3,7 @@ LoRA that learns the subject without wrecking the class, and a full fine-tune wh
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,13 +16,10 @@ from library.toy_data import write_shape_folder
 from library.training import dreambooth
 from library.training.class_images import generate_class_images, plan_class_images
 
-from helpers import fixed_noise_loss
+import train_dreambooth
+from support import fixed_noise_loss, write_job_file
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-import train_dreambooth  # noqa: E402
 
 
 def instance_folder(folder: Path, count: int = 4) -> Path:
@@ -48,16 +43,8 @@ def write_job(tmp_path: Path, model: Path, instance: Path, class_dir: Path, **ke
         "train_batch_size": 1, "cache_latents": True, "save_precision": "float", "class_prompt": "a circle",
         "class_image_steps": 1, "class_image_cfg_scale": 1.0,  # the cheapest images: tests need files, not art
     }
-    base.update(keys)
-    lines = [f"{k} = {json.dumps(v)}" for k, v in base.items()]
-    lines += ["[general]", "resolution = 64", "min_bucket_reso = 64", "max_bucket_reso = 64",
-              "[[datasets]]",
-              "[[datasets.subsets]]", f"image_dir = {json.dumps(str(instance))}", 'class_tokens = "sks circle"',
-              "[[datasets.subsets]]", f"image_dir = {json.dumps(str(class_dir))}", "is_reg = true"]
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "job.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_job_file(tmp_path, {**base, **keys}, [
+        {"image_dir": str(instance), "class_tokens": "sks circle"}, {"image_dir": str(class_dir), "is_reg": True}])
 
 
 def run(path: Path, *args: str):
@@ -188,6 +175,7 @@ def test_read_only_user_class_images_are_left_intact(tmp_path, tiny_sampler, mon
 # ------------------------------------------------------------------------------------------ training
 
 
+@pytest.mark.slow
 def test_lora_dreambooth_learns_subject_and_keeps_class(tmp_path, tiny_single_file, subject):
     classes = tmp_path / "class_circle"  # does not exist yet: filled with generated images
     job = write_job(tmp_path, tiny_single_file, subject, classes, max_train_steps=24, num_class_images=4,
@@ -221,6 +209,7 @@ def _weights(module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_full_finetune_checkpoint_reloads_bit_exactly(tmp_path, tiny_single_file, subject):
     classes = tmp_path / "class"
     write_shape_folder(classes, count=4, size=(64, 64), seed=9, shapes=("square",), colours=("blue",))
@@ -252,6 +241,7 @@ def test_full_finetune_checkpoint_reloads_bit_exactly(tmp_path, tiny_single_file
     assert meta["modelspec.architecture"] == "stable-diffusion-v1" and meta["ss_dreambooth_mode"] == "full"
 
 
+@pytest.mark.slow
 def test_full_finetune_resume_past_text_encoder_stop_matches_uninterrupted(tmp_path, tiny_single_file, subject):
     classes = tmp_path / "class"
     write_shape_folder(classes, count=4, size=(64, 64), seed=9, shapes=("square",), colours=("blue",))

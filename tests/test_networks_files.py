@@ -331,6 +331,7 @@ def test_check_lora_reports_parts_metadata_and_fit(tmp_path, capsys):
     assert check_lora_main([str(tmp_path / "nope.safetensors")]) == 1
 
 
+@pytest.mark.slow
 def test_check_lora_runs_as_a_script():
     result = subprocess.run([sys.executable, "networks/check_lora.py", "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)

@@ -61,6 +61,7 @@ def diffusers_fuse_with_peft(path, unet, text_encoder, multiplier) -> set[str]:
     return set()
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore")
 def test_diffusers_loads_our_file_and_fuses_to_our_update(tmp_path):
     started = time.perf_counter()

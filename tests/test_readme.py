@@ -29,5 +29,7 @@ def test_every_dataset_key_and_unsupported_key_is_documented():
 
 def test_ci_runs_the_readme_test_command():
     ci = (REPO / ".ci" / "run").read_text()
-    command = re.search(r"^make \S+", ci, re.M).group(0)
-    assert command == "make test" and f"{command}  " in README or f"\n{command}" in README
+    commands = re.findall(r"^make \S+", ci, re.M)
+    assert commands == ["make test"], f".ci/run must run exactly the README's test command, not {commands}"
+    # the README's "Running the tests" block shows the same command, at the start of a line
+    assert re.search(r"^make test(\s|$)", README, re.M), "README lacks the `make test` line CI runs"

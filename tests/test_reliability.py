@@ -25,7 +25,7 @@ from library.fileio import FolderLock
 from library.toy_data import write_shape_folder
 from library.training.loop import SaveFailed
 
-from helpers import run_job, write_job
+from support import run_job, write_job
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -231,6 +231,7 @@ def test_full_disk_while_caching_latents_to_disk_names_the_cache_file(tmp_path, 
     assert not list(folder.glob(f".*{CACHE_SUFFIX}*")) and not list(folder.glob(f"*{CACHE_SUFFIX}"))
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_output_dir_is_refused_with_the_first_ones_pid(tmp_path, tiny_single_file,
                                                                               shapes_dir):
     job = write_job(tmp_path, tiny_single_file, shapes_dir, max_train_steps=2)

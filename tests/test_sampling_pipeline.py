@@ -15,7 +15,7 @@ from PIL import Image
 from library.errors import ConfigError
 from library.sampling import PromptSpec, Sampler
 from library.text_encoding import encode_texts
-from tests.test_sampling_units import parse_hash_list, parse_parameters
+from support import parse_hash_list, parse_parameters, write_job_file
 
 SPEC = PromptSpec("a photo of a hand", "disfigured", width=64, height=64, steps=3, sampler="ddim")
 
@@ -149,20 +149,8 @@ def test_sampling_mid_training_restores_rng_and_train_flags(tiny):
 
 
 def write_job(tmp_path, model, **keys) -> str:
-    lines = [f'pretrained_model_name_or_path = "{model}"', f'output_dir = "{tmp_path / "out"}"']
-    for key, value in keys.items():
-        if isinstance(value, str):
-            lines.append(f'{key} = "{value}"')
-        elif isinstance(value, bool):
-            lines.append(f"{key} = {str(value).lower()}")
-        elif isinstance(value, list):
-            items = ", ".join(f'"{v}"' if isinstance(v, str) else str(v) for v in value)
-            lines.append(f"{key} = [{items}]")
-        else:
-            lines.append(f"{key} = {value}")
-    path = tmp_path / "job.toml"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return str(path)
+    return str(write_job_file(tmp_path, {"pretrained_model_name_or_path": str(model),
+                                         "output_dir": str(tmp_path / "out"), **keys}))
 
 
 def test_sample_job_sweep_with_embedding_and_grid(tiny_single_file, lora_file, tmp_path):

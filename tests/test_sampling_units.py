@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 import torch
@@ -19,31 +18,9 @@ from library.sampling.networks import choose_network_modes
 from library.sampling.pipeline import image_problem, image_seeds, initial_noise, to_pil
 from library.sampling.prompts import PromptSpec, parse_prompt_file, parse_prompt_line
 from library.sampling.schedulers import SAMPLERS, make_scheduler, resolve_sampler
+from support import parse_parameters
 
 DEFAULTS = PromptSpec(prompt="")
-
-
-# --------------------------------------------------------------------------------- A1111 infotext parser
-# Written here, independently of the writer: the PNG text must parse back to the settings.
-_PARAM = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
-
-
-def parse_parameters(text: str) -> tuple[str, str, dict[str, str]]:
-    *head, last = text.strip().split("\n")
-    prompt_lines, negative_lines, in_negative = [], [], False
-    for line in head:
-        if line.startswith("Negative prompt:"):
-            in_negative = True
-            line = line[len("Negative prompt:"):].strip()
-        (negative_lines if in_negative else prompt_lines).append(line)
-    fields = {}
-    for key, value in _PARAM.findall(last):
-        fields[key] = json.loads(value) if value.startswith('"') else value
-    return "\n".join(prompt_lines), "\n".join(negative_lines), fields
-
-
-def parse_hash_list(value: str) -> dict[str, str]:
-    return dict(item.split(": ") for item in value.split(", "))
 
 
 # --------------------------------------------------------------------------------- prompt files

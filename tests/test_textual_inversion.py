@@ -3,7 +3,6 @@ layout, contrastive mode widens the bad/good gap, and user mistakes give clear e
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
@@ -18,6 +17,7 @@ from library.toy_data import write_shape_folder
 from library.training.loop import train
 from library.training.method import TrainContext
 from library.training.textual_inversion import OBJECT_TEMPLATES, TextualInversionMethod
+from support import write_job_file
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "<shape-ti>"
@@ -66,14 +66,7 @@ def write_job(folder: Path, model: Path, image_dir: Path, **keys) -> Path:
         "seed": 7, "train_batch_size": 2, "cache_latents": True, "save_precision": "float",
         "max_data_loader_n_workers": 0,
     }
-    base.update(keys)
-    lines = [f"{k} = {json.dumps(v)}" for k, v in base.items() if v is not None]
-    lines += ["[general]", "resolution = 64", "min_bucket_reso = 64", "max_bucket_reso = 64",
-              "[[datasets]]", "[[datasets.subsets]]", f"image_dir = {json.dumps(str(image_dir))}"]
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "job.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_job_file(folder, {**base, **keys}, [{"image_dir": str(image_dir)}])
 
 
 def job_of(path: Path, **overrides):
@@ -234,6 +227,7 @@ def test_a1111_pt_periodic_saves_sampling_bf16_and_resume_from_file(tmp_path, li
     assert method.num_vectors == 1 and "file" in method.init_source
 
 
+@pytest.mark.slow
 def test_contrastive_mode_widens_the_gap_between_bad_and_good(tmp_path, listening_model, images):
     """Bad: red circles on white; good: red circles on black. Low timesteps, where the U-Net sees the image."""
     caption, timesteps = f"a photo of a {TOKEN} {TOKEN}1", (50, 150)

@@ -31,6 +31,7 @@ def test_latent_rescale_is_exact_and_gives_unit_latents():
     assert torch.allclose(after, before, atol=1e-4)  # the decoder sees the same latent as before
 
 
+@pytest.mark.slow
 def test_pretrain_script_writes_a_loadable_sd1_file(tmp_path):
     out = tmp_path / "toy.safetensors"
     pretrain.main(["--out", str(out), "--images", "64", "--vae_steps", "2", "--vae_batch", "4",
@@ -73,6 +74,7 @@ def test_pretrain_init_must_be_a_toy_model(tmp_path, tiny_single_file):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not TOY_MODEL_PATH.is_file(), reason="the toy hand model is not in this checkout")
 def test_shipped_toy_model_is_sd1_layout_and_draws_hands():
     with safe_open(str(TOY_MODEL_PATH), "pt") as f:

@@ -32,7 +32,7 @@ def test_pixel_change_and_table_and_plot(tmp_path):
     black, white = Image.new("RGB", (8, 8), "black"), Image.new("RGB", (8, 8), "white")
     assert pixel_change([black, white], [black, white]) == 0.0
     assert pixel_change([black], [white]) == pytest.approx(1.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="needs the same images"):
         pixel_change([black], [])
     table = markdown_table(["a", "b"], [[1, "x"]])
     assert table.splitlines() == ["| a | b |", "|---|---|", "| 1 | x |"]
@@ -52,6 +52,7 @@ def test_study_refuses_a_folder_that_holds_a_study(tmp_path):
     assert list(tmp_path.iterdir()) == [tmp_path / "jobs"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not TOY_MODEL_PATH.is_file(), reason="the toy hand model is not in this checkout")
 def test_quick_study_end_to_end(tmp_path):
     out = tmp_path / "study"

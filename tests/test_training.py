@@ -17,11 +17,12 @@ from library.errors import ConfigError
 from library.models.loading import load_sd1
 from library.training.loop import TrainingStopped
 
-from helpers import fixed_noise_loss, run_job, write_job
+from support import fixed_noise_loss, run_job, write_job
 
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_lora_training_lowers_fixed_noise_loss_and_file_reproduces_model(tmp_path, tiny_single_file, shapes_dir):
     job = write_job(tmp_path, tiny_single_file, shapes_dir, max_train_steps=40,
                     network_args=["conv_dim=4", "conv_alpha=4"])
@@ -49,6 +50,7 @@ def test_lora_training_lowers_fixed_noise_loss_and_file_reproduces_model(tmp_pat
     assert meta["ss_resolution"] == "(64, 64)" and meta["modelspec.resolution"] == "64x64"
 
 
+@pytest.mark.slow
 def test_resume_reproduces_uninterrupted_losses(tmp_path, tiny_single_file, shapes_dir):
     full = run_job(write_job(tmp_path / "a", tiny_single_file, shapes_dir, max_train_steps=8))
     first = run_job(write_job(tmp_path / "b", tiny_single_file, shapes_dir, max_train_steps=5,
@@ -86,6 +88,7 @@ def test_fp16_on_cpu_is_refused(tmp_path, tiny_single_file, shapes_dir):
         run_job(write_job(tmp_path, tiny_single_file, shapes_dir, mixed_precision="fp16"))
 
 
+@pytest.mark.slow
 def test_sigint_saves_state_and_weights_then_resume_matches(tmp_path, tiny_single_file, shapes_dir):
     job = write_job(tmp_path, tiny_single_file, shapes_dir, max_train_steps=400)
     # one thread, as in this process: the reference below must add up its sums in the same order
@@ -111,6 +114,7 @@ def test_sigint_saves_state_and_weights_then_resume_matches(tmp_path, tiny_singl
     assert resumed.losses == reference.losses[step:]
 
 
+@pytest.mark.slow
 def test_two_process_ddp_equals_one_process_with_same_global_batch(tmp_path, tiny_single_file, shapes_dir):
     """2 processes × batch 2 (gloo on the CPU) == 1 process × batch 2 × 2 accumulation steps."""
     from networks import load_network_file
@@ -132,6 +136,7 @@ def test_two_process_ddp_equals_one_process_with_same_global_batch(tmp_path, tin
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)  # reduction order differs
 
 
+@pytest.mark.slow
 def test_validation_split_holds_out_images_and_its_loss_is_reported(tmp_path, tiny_single_file, shapes_dir):
     from library.dataset import TrainDataset, resolve_datasets
     from library.dataset.validation import hold_out

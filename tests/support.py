@@ -1,11 +1,33 @@
-"""Measurements several test modules share."""
+"""What several test modules share: job files, the fixed-noise loss, an independent infotext parser.
+
+Test modules import from here (`from support import ...`; pytest.ini puts tests/ and the repository root on
+the path) and never from each other.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
+
+from library.schema import job_toml
+
+# 64-pixel single-bucket training: what every training test's [general] table says
+SMALL_BUCKETS = {"resolution": 64, "min_bucket_reso": 64, "max_bucket_reso": 64}
+
+
+def write_job_file(folder: Path, keys: dict, subsets: list[dict] | None = None, general: dict | None = None,
+                   name: str = "job.toml") -> Path:
+    """`folder/job.toml` with `keys` at the top level (None values left out), `general` (SMALL_BUCKETS when
+    there are subsets) and one dataset of `subsets`."""
+    if general is None and subsets:
+        general = SMALL_BUCKETS
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(job_toml(keys, general, [{"subsets": subsets}] if subsets else None), encoding="utf-8")
+    return path
 
 
 def fixed_noise_loss(model, folder: Path, caption: str | None = None, network_file: Path | None = None) -> float:
@@ -49,14 +71,7 @@ def write_job(tmp_path: Path, model: Path, images: Path, **keys) -> Path:
         "network_dim": 4, "network_alpha": 4.0, "learning_rate": 2e-3, "max_train_steps": 8, "seed": 7,
         "train_batch_size": 2, "cache_latents": True, "optimizer_type": "AdamW", "save_precision": "float",
     }
-    base.update(keys)
-    lines = [f"{k} = {json.dumps(v)}" for k, v in base.items()]
-    lines += ["[general]", "resolution = 64", "min_bucket_reso = 64", "max_bucket_reso = 64",
-              "[[datasets]]", "[[datasets.subsets]]", f"image_dir = {json.dumps(str(images))}"]
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "job.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_job_file(tmp_path, {**base, **keys}, [{"image_dir": str(images)}])
 
 
 def run_job(path: Path, **overrides):
@@ -67,3 +82,29 @@ def run_job(path: Path, **overrides):
 
     job = load_job("train_network", config_path=str(path), overrides=overrides)
     return train(job, NetworkMethod(job))
+
+
+# ------------------------------------------------------------------------- A1111 infotext, read back
+# Written here, independently of library/sampling/infotext.py's writer: a PNG's text must parse back to
+# the settings that made it.
+_PARAM = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def parse_parameters(text: str) -> tuple[str, str, dict[str, str]]:
+    """(prompt, negative prompt, {field: value}) of an A1111 `parameters` text."""
+    *head, last = text.strip().split("\n")
+    prompt_lines, negative_lines, in_negative = [], [], False
+    for line in head:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:"):].strip()
+        (negative_lines if in_negative else prompt_lines).append(line)
+    fields = {}
+    for key, value in _PARAM.findall(last):
+        fields[key] = json.loads(value) if value.startswith('"') else value
+    return "\n".join(prompt_lines), "\n".join(negative_lines), fields
+
+
+def parse_hash_list(value: str) -> dict[str, str]:
+    """`name: hash, name: hash` (A1111's Lora/TI hashes) as a dict."""
+    return dict(item.split(": ") for item in value.split(", "))
