@@ -12,8 +12,9 @@ It lives beside `library/` and `bench/`, not inside the library: study.py runs t
 its commands from the repository root (`python -m toy_hands.study`), as the scripts are run.
 
 Files:
-    params.py   HandParams / ObjectParams, samplers (clean: always 5 digits; web-like: a chosen share;
-                poses: any, web, spread), captions
+    params.py   HandParams / ObjectParams, digit-count mixes (clean: always 5 digits; web-like: a chosen
+                share), poses (any, web, spread), captions
+    random_hands.py  random HandParams / ObjectParams of a mix and pose, fitted to the image
     draw.py     draw_hand / draw_object: polygons at 4× size, downsampled (anti-aliased)
     folder.py   examples by (seed, index), write_hand_folder (PNG + caption + manifest), read_manifest
     augment.py  blur, noise, colour shift, resampling, JPEG: what generated images suffer
@@ -36,9 +37,9 @@ from library.evaluate.counter import FingerCount, analyse_hand, count_fingers
 from toy_hands.draw import draw_hand, draw_object, hand_extent, hand_geometry
 from toy_hands.folder import MANIFEST, read_manifest, render, sample_example, write_hand_folder
 from toy_hands.params import (
-    BACKGROUNDS, CLEAN_COUNTS, OBJECT_KINDS, POSES, SKIN_TONES, HandParams, ObjectParams, caption_for, sample_hand_params,
-    sample_object_params, web_like_counts,
+    BACKGROUNDS, CLEAN_COUNTS, OBJECT_KINDS, POSES, SKIN_TONES, HandParams, ObjectParams, caption_for, web_like_counts,
 )
+from toy_hands.random_hands import sample_hand_params, sample_object_params
 
 # The pretrained toy hand model (a single-file SD1-architecture checkpoint), made by pretrain.py.
 TOY_MODEL_PATH = Path(__file__).with_name("toy-hands-sd1.safetensors")

@@ -12,8 +12,9 @@ from PIL import Image
 from library.fileio import atomic_path, write_text_atomic
 from toy_hands.draw import draw_hand, draw_object
 from toy_hands.params import (
-    HandParams, ObjectParams, caption_for, params_from_dict, sample_hand_params, sample_object_params,
+    HandParams, ObjectParams, caption_for, params_from_dict,
 )
+from toy_hands.random_hands import sample_hand_params, sample_object_params
 
 MANIFEST = "toy_hands.jsonl"
 
