@@ -5,6 +5,8 @@
     metrics      per-image metric values (CLIP score, hand landmarks, …), one row per (image, metric)
     set_metrics  per-run metric values computed over a set of images (KID, FID against a reference)
     predictions  a trained classifier's predicted score per image, one row per (image, model)
+    skips        images a rater passed over on the rating page (so the next image is another, and undo
+                 can take the skip back); not a rating: nothing else reads them
 
 A score is 0, 0.5 or 1 (the study's three-point scale); "no hand in the image" is stored as
 `score = NULL, no_hand = 1`. The file is opened in WAL mode, so a rating committed by one connection is
@@ -19,7 +21,7 @@ from pathlib import Path
 
 SCORES = (0.0, 0.5, 1.0)  # the three-point scale; "no hand" is kept apart (score NULL, no_hand 1)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the skips table
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -78,6 +80,13 @@ CREATE TABLE IF NOT EXISTS predictions (
     computed_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
     PRIMARY KEY (image_id, model)
 );
+CREATE TABLE IF NOT EXISTS skips (
+    id          INTEGER PRIMARY KEY,
+    image_id    INTEGER NOT NULL REFERENCES images(id),
+    rater       TEXT NOT NULL,
+    skipped_at  TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+CREATE INDEX IF NOT EXISTS skips_rater ON skips(rater);
 """
 
 

@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Mapping
@@ -159,3 +160,61 @@ def save_png_atomic(image, path: str | os.PathLike, parameters: str | None = Non
     image.save(buffer, format="PNG", pnginfo=info)
     write_bytes_atomic(path, buffer.getvalue())
     return Path(path)
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def parse_parameters(text: str) -> tuple[str, str, dict[str, str]]:
+    """Read an A1111 `parameters` text back: (prompt, negative prompt, {field: value}).
+
+    The last line holds the fields when it reads as `Key: value, Key: value, …` with at least three of
+    them or a `Steps` field (a prompt line such as "style: ink" is one field, not a fields line). Quoted
+    values (see `infotext_quote`) come back unquoted. Lines before a `Negative prompt:` line are the prompt
+    (several lines kept as written); that line and the lines after it, the negative prompt. A text with no
+    fields line is all prompt, as WebUI reads it.
+    """
+    lines = text.strip("\n").split("\n")
+    fields = _parse_fields(lines[-1]) if lines else None
+    if fields is not None and (len(fields) >= 3 or "Steps" in fields):
+        lines = lines[:-1]
+    else:
+        fields = {}
+    prompt_lines: list[str] = []
+    negative_lines: list[str] = []
+    for line in lines:
+        if negative_lines or line.startswith("Negative prompt:"):
+            negative_lines.append(line.removeprefix("Negative prompt:").lstrip() if not negative_lines else line)
+        else:
+            prompt_lines.append(line)
+    return "\n".join(prompt_lines).strip(), "\n".join(negative_lines).strip(), fields
+
+
+_FIELD_KEY = re.compile(r"\s*([A-Za-z][\w \-/+().]*?)\s*:\s*")
+
+
+def _parse_fields(line: str) -> dict[str, str] | None:
+    """`Key: value, Key: "quoted, value"` → {key: value}; None when the line is not such a list."""
+    fields: dict[str, str] = {}
+    decoder = json.JSONDecoder()
+    pos = 0
+    while pos < len(line):
+        key = _FIELD_KEY.match(line, pos)
+        if key is None:
+            return None
+        pos = key.end()
+        if line.startswith('"', pos):
+            try:
+                value, pos = decoder.raw_decode(line, pos)
+            except ValueError:
+                return None
+            rest = line[pos:].lstrip()
+            if rest and not rest.startswith(","):
+                return None
+            pos = len(line) - len(rest) + 1
+        else:
+            end = line.find(",", pos)
+            end = len(line) if end < 0 else end
+            value, pos = line[pos:end].strip(), end + 1
+        fields[key.group(1)] = str(value)
+    return fields or None
