@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 
 import pytest
@@ -117,29 +116,6 @@ def test_ckpt_loads_with_weights_only(tiny_single_file, tmp_path):
     torch.save({"state_dict": state, "global_step": 1}, path)
     model = load_sd1(path)
     assert torch.equal(model.vae.quant_conv.weight, state["first_stage_model.quant_conv.weight"])
-
-
-class _RunsCode:
-    marker: Path
-
-    def __reduce__(self):
-        return (Path.write_text, (self.marker, "code ran"))
-
-
-@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
-def test_pickle_that_runs_code_is_refused_and_never_executed(tmp_path, writer):
-    marker = tmp_path / "pwned.txt"
-    evil = _RunsCode()
-    evil.marker = marker
-    path = tmp_path / "evil.ckpt"
-    payload = {"state_dict": {"x": evil}}
-    if writer == "torch.save":
-        torch.save(payload, path)
-    else:
-        path.write_bytes(pickle.dumps(payload))
-    with pytest.raises(ModelLoadError, match=r"evil\.ckpt.*never executes code.*safetensors"):
-        load_sd1(path)
-    assert not marker.exists()
 
 
 def test_missing_path_and_non_model_folder(tmp_path):

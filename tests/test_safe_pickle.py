@@ -109,13 +109,16 @@ def _assert_clear_refusal(message: str, path: Path, blocked: str) -> None:
 
 
 @pytest.mark.parametrize("writer", ["torch.save", "pickle.dumps"])
-@pytest.mark.parametrize("how", ["os.system", "builtins.exec"])
+@pytest.mark.parametrize("how", ["os.system", "builtins.exec", "Path.write_text"])
 def test_pickle_that_calls_code_is_refused_naming_the_call(tmp_path, writer, how):
     marker = tmp_path / "marker"
     if how == "os.system":
         payload, blocked = _Calls(os.system, f"touch {marker}"), f"{os.system.__module__}.system"
-    else:
+    elif how == "builtins.exec":
         payload, blocked = _Calls(builtins.exec, f"open({str(marker)!r}, 'w').close()"), "builtins.exec"
+    else:  # a method: torch.save's protocol 2 pickles it as a getattr(class, name) call, refused first
+        payload = _Calls(Path.write_text, marker, "code ran")
+        blocked = "builtins.getattr" if writer == "torch.save" else "pathlib.Path.write_text"
     path = tmp_path / "evil.ckpt"
     data = {"state_dict": {"model.diffusion_model.x": payload}}
     if writer == "torch.save":
