@@ -376,3 +376,37 @@ def test_module_imports_stay_light():
             "print(sorted(m for m in ('numpy', 'scipy', 'matplotlib', 'torch') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------------- the README's example
+
+def readme_example_database(conn):
+    """The README's worked example: a base model and a LoRA at two steps on 3 prompts × 4 seeds, rated by
+    ann (every image) and bob (seeds 1 and 2), with a CLIP-like metric."""
+    prompts = ["a photo of a hand", "a hand waving", "a hand holding a cup"]
+    rng = np.random.default_rng(7)
+    for run, step, good in (("base", None, 0.3), ("hands-lora", 500, 0.45), ("hands-lora", 1000, 0.6)):
+        for prompt in prompts:
+            for seed in (1, 2, 3, 4):
+                image = add_image(conn, run, prompt, seed, negative="blurry", step=step,
+                                  loras=[["hands", 1.0]] if run != "base" else None)
+                quality = good + 0.1 * (prompt == prompts[0]) + rng.normal(0, 0.2)
+                score = R.NO_HAND if quality < 0.05 else 1.0 if quality > 0.6 else 0.5 if quality > 0.3 else 0.0
+                rate(conn, image, "ann", score)
+                if seed <= 2:
+                    second = quality + rng.normal(0, 0.15)
+                    rate(conn, image, "bob", R.NO_HAND if second < 0.05 else 1.0 if second > 0.6
+                         else 0.5 if second > 0.3 else 0.0)
+                conn.execute("INSERT INTO metrics (image_id, name, value) VALUES (?, 'clip_score', ?)",
+                             (image, float(0.2 + 0.05 * quality + rng.normal(0, 0.01))))
+
+
+def test_the_readme_example_is_this_code_s_output(conn, tmp_path):
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    readme_example_database(conn)
+    report = R.build_report(conn)
+    section = readme[readme.index("### report — "):]
+    tables = [line for line in R.render_markdown(report).splitlines() if line.startswith("|")]
+    assert len(tables) == 15  # four tables' headers and rules; four runs' rows, a pair, a kappa, a metric
+    for line in tables:
+        assert line in section, f"README's worked example is out of date: {line}"
