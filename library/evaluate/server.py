@@ -270,12 +270,17 @@ def make_handler(store: RatingStore, token: str | None, check_host: bool):
                 log.warning(f"{self.command} {urlsplit(self.path).path}: {status} {message}")
             self._json(status, {"error": message})
 
-        def _authorised(self) -> bool:
+        def _host_ok(self) -> bool:
             if check_host:
                 host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]").lower()
                 if host not in LOOPBACK_NAMES:
                     self._error(403, f"Host {host!r} is not this computer; open the address the server printed")
                     return False
+            return True
+
+        def _authorised(self) -> bool:
+            if not self._host_ok():
+                return False
             if token is None:
                 return True
             jar = cookies.SimpleCookie()
@@ -309,7 +314,7 @@ def make_handler(store: RatingStore, token: str | None, check_host: bool):
             url = urlsplit(self.path)
             try:
                 if url.path in ("/", "/index.html"):
-                    if check_host and not self._authorised():
+                    if not self._host_ok():  # the page holds no data: it asks for the token itself
                         return
                     self._send(200, page, "text/html; charset=utf-8", {"Cache-Control": "no-store"})
                     return
