@@ -128,3 +128,19 @@ def test_bad_job_in_script_prints_message_without_traceback(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "Did you mean 'network_dim'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_job_types_list_every_key_of_every_script_with_its_type():
+    from library import job_types
+    from tools.job_types import CLASS_NAMES, job_types_source
+
+    assert (REPO / "library" / "job_types.py").read_text() == job_types_source(), \
+        "library/job_types.py is stale: python tools/job_types.py > library/job_types.py"
+    for script, name in CLASS_NAMES.items():
+        declared = {}
+        for klass in reversed(getattr(job_types, name).__mro__):
+            declared.update(getattr(klass, "__annotations__", {}))
+        assert set(schema(script).fields) <= set(declared), script
+    assert job_types.NetworkJob.__annotations__["network_dim"] == "int"
+    assert job_types.TrainingJob.__annotations__["ema_decay"] == "float | None"
+    assert job_types.SampleJob.__annotations__["max_token_length"] == "int | None"

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from library.job_types import SampleJob
 from library.sampling.infotext import embedding_short_hash, format_number, model_short_hash
 from library.sampling.job import resolve_device, resolve_dtype, specs_from_job, DTYPES
 from library.sampling.networks import (
@@ -45,7 +46,7 @@ def job_sampler(model, job, *, device, sampler: str, max_token_length: int | Non
                    model_name=model_display_name(job.pretrained_model_name_or_path), **options)
 
 
-def run_sample_job(job, progress: bool = True) -> SampleJobResult:
+def run_sample_job(job: SampleJob, progress: bool = True) -> SampleJobResult:
     from library.embeddings import add_embeddings, embedding_files, load_embeddings
     from library.models.loading import load_sd1
 

@@ -36,10 +36,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import cast
 
 import torch
 
-from library.config import Job
+from library.job_types import DreamBoothJob
 from library.errors import ConfigError
 from library.training.method import Method, TrainContext
 from library.training.network_method import NetworkMethod, part_learning_rates
@@ -47,7 +48,7 @@ from library.training.rules import reg_subsets
 
 log = logging.getLogger("pentadactyl")
 
-def make_method(job: Job) -> Method:
+def make_method(job: DreamBoothJob) -> Method:
     return DreamBoothFull(job) if job.dreambooth_mode == "full" else DreamBoothLoRA(job)
 
 
@@ -64,7 +65,7 @@ def make_class_images(ctx: TrainContext, eval_modules) -> None:
     """Generate the missing class images of every is_reg subset (main process; the others wait)."""
     from library.training.class_images import check_writable, generate_class_images, plan_class_images
 
-    job = ctx.job
+    job = cast("DreamBoothJob", ctx.job)
     if not job.num_class_images:
         return
     is_main = ctx.rank == 0
@@ -94,7 +95,7 @@ def make_class_images(ctx: TrainContext, eval_modules) -> None:
 class TextEncoderStop:
     """stop_text_encoder_training for either mode: which step, and freezing the parameters then."""
 
-    def __init__(self, job: Job):
+    def __init__(self, job: DreamBoothJob):
         self.stop = job.stop_text_encoder_training
         self.step = 0  # optimizer steps done, set by start()
         self.params: list[torch.nn.Parameter] = []
@@ -124,7 +125,7 @@ class TextEncoderStop:
             p.grad = None
 
 
-def _dreambooth_metadata(job: Job) -> dict[str, str]:
+def _dreambooth_metadata(job: DreamBoothJob) -> dict[str, str]:
     meta = {"ss_dreambooth_mode": job.dreambooth_mode, "ss_num_class_images": str(job.num_class_images),
             "ss_stop_text_encoder_training": str(job.stop_text_encoder_training)}
     if not job.no_dataset_metadata and job.class_prompt:
@@ -140,7 +141,7 @@ class DreamBoothLoRA(NetworkMethod):
 
     name = "dreambooth_lora"
 
-    def __init__(self, job: Job):
+    def __init__(self, job: DreamBoothJob):
         self.te_stop = TextEncoderStop(job)
         if self.te_stop.never:
             job = job.replace(network_train_unet_only=True)
@@ -166,7 +167,7 @@ class DreamBoothLoRA(NetworkMethod):
         self.te_stop.after_step(step)
 
     def metadata(self) -> dict[str, str]:
-        return {**super().metadata(), **_dreambooth_metadata(self.job)}
+        return {**super().metadata(), **_dreambooth_metadata(cast("DreamBoothJob", self.job))}
 
     def summary(self) -> str:
         stop = self.te_stop.stop
@@ -184,7 +185,7 @@ class DreamBoothFull(Method):
     # the text encoder stays float32 even when frozen: the checkpoint then holds its exact base weights
     full_precision_parts = ("unet", "text_encoder")
 
-    def __init__(self, job: Job):
+    def __init__(self, job: DreamBoothJob):
         self.job = job
         self.unet_lr, self.te_lr = part_learning_rates(job)
         self.te_stop = TextEncoderStop(job)

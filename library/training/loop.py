@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from library.config import Job
+from library.job_types import TrainingJob
 from library.errors import ConfigError, PentadactylError
 from library.fileio import (
     WRITE_ERRORS, FolderLock, check_writable_folder, remove_stale_temporaries, write_error_reason,
@@ -77,7 +77,7 @@ def sample_seed(seed: int, step: int, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def train(job: Job, method: Method) -> TrainResult:
+def train(job: TrainingJob, method: Method) -> TrainResult:
     """Run a job to the end (or to a Ctrl-C). What can be checked without the model is checked first: the
     output folder is writable and no other run uses it, the optimizer exists, a resumed state is readable."""
     started = time.time()
@@ -107,7 +107,7 @@ class Run:
     the epoch in progress (`epoch_of_weights` gives the number files and metadata use).
     """
 
-    job: Job
+    job: TrainingJob
     method: Method
     accelerator: object
     model: object
@@ -158,7 +158,7 @@ def epoch_of_weights(run: Run) -> int:
     return run.epoch if run.done_in_epoch else run.epoch - 1
 
 
-def set_up(job: Job, method: Method, accelerator, state: LoadedState | None, started: float) -> Run:
+def set_up(job: TrainingJob, method: Method, accelerator, state: LoadedState | None, started: float) -> Run:
     """Model, method, dataset (latents cached or not), optimizer and schedule."""
     from library.dataset import TrainDataset
     from library.dataset.validation import hold_out, validation_batches
@@ -460,7 +460,7 @@ def finish(run: Run) -> TrainResult:
     return result
 
 
-def _train(job: Job, method: Method, accelerator, state: LoadedState | None, started: float) -> TrainResult:
+def _train(job: TrainingJob, method: Method, accelerator, state: LoadedState | None, started: float) -> TrainResult:
     from tqdm.auto import tqdm
 
     run = set_up(job, method, accelerator, state, started)
@@ -523,7 +523,7 @@ def _warn_long_captions(dataset, tokenizer, max_token_length: int) -> None:
                 f"there in training: {path} ({n} tokens){more}; {hint}.")
 
 
-def _in_training_sampler(job: Job, model, device, method: Method):
+def _in_training_sampler(job: TrainingJob, model, device, method: Method):
     """A callable (step, epoch) that writes sample images, or None when the job samples nothing."""
     if not job.sample_prompts:
         return None
@@ -533,7 +533,7 @@ def _in_training_sampler(job: Job, model, device, method: Method):
                                  trains_network=method.saves_network, embedding_tokens=method.prompt_tokens())
 
 
-def run_training_job(job: Job, method: Method) -> TrainResult:
+def run_training_job(job: TrainingJob, method: Method) -> TrainResult:
     """What every training script does with its job: train, and exit with 130 when interrupted (the state
     and weights were saved, so the run resumes)."""
     result = train(job, method)

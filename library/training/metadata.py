@@ -6,11 +6,11 @@ import json
 import time
 from pathlib import Path
 
-from library.config import Job
+from library.job_types import TrainingJob
 from library.dataset import DATASET_REVEALING_KEYS
 
 
-def build_metadata(job: Job, dataset, method, started: float, step: int, epoch: int, total_steps: int) -> dict[str, str]:
+def build_metadata(job: TrainingJob, dataset, method, started: float, step: int, epoch: int, total_steps: int) -> dict[str, str]:
     if job.no_metadata:
         return {}
     lr = job.learning_rate

@@ -13,13 +13,13 @@ from typing import Any, Callable
 
 import torch
 
-from library.config import Job
+from library.job_types import TrainingJob
 from library.models.loading import SD1Model
 
 
 @dataclass
 class TrainContext:
-    job: Job
+    job: TrainingJob
     model: SD1Model
     device: torch.device
     weight_dtype: torch.dtype  # dtype of frozen weights (fp32, or bf16/fp16 under mixed precision)

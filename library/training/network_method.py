@@ -6,12 +6,12 @@ from pathlib import Path
 
 import torch
 
-from library.config import Job
+from library.job_types import NetworkJob
 from library.schema import parse_key_values
 from library.training.method import Method, TrainContext
 
 
-def part_learning_rates(job: Job) -> tuple[float, float]:
+def part_learning_rates(job: NetworkJob) -> tuple[float, float]:
     """(U-Net lr, text-encoder lr); 0 freezes a part."""
     unet_lr = job.learning_rate if job.unet_lr is None else job.unet_lr
     te_lr = job.learning_rate if job.text_encoder_lr is None else job.text_encoder_lr
@@ -26,7 +26,7 @@ class NetworkMethod(Method):
     name = "network"
     saves_network = True
 
-    def __init__(self, job: Job):
+    def __init__(self, job: NetworkJob):
         from networks import NetworkSpec
 
         self.job = job

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 
-from library.config import Job
+from library.job_types import TrainingJob
 from library.errors import ConfigError
 
 log = logging.getLogger("pentadactyl")
 
 
-def make_accelerator(job: Job):
+def make_accelerator(job: TrainingJob):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
 
@@ -38,7 +38,7 @@ def weight_dtype_of(mixed_precision: str) -> torch.dtype:
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
 
-def set_attention_backend(unet, job: Job, device: torch.device) -> str:
+def set_attention_backend(unet, job: TrainingJob, device: torch.device) -> str:
     if job.xformers:
         if device.type != "cuda":
             raise ConfigError("xformers = true needs a CUDA GPU (xformers has no CPU kernels); "
@@ -107,7 +107,7 @@ def ema_update(ema: dict[str, torch.Tensor], current: dict[str, torch.Tensor], d
         ema[key].mul_(decay).add_(value.detach().float(), alpha=1 - decay)
 
 
-def tensorboard_writer(job: Job):
+def tensorboard_writer(job: TrainingJob):
     if not job.logging_dir:
         return None
     from torch.utils.tensorboard import SummaryWriter

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from library.config import Job
+from library.job_types import TrainingJob
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class Due:
     samples: bool = False
 
 
-def due_after_step(job: Job, global_step: int, total_steps: int, finished_epoch: int | None) -> Due:
+def due_after_step(job: TrainingJob, global_step: int, total_steps: int, finished_epoch: int | None) -> Due:
     """The job's intervals at `global_step` (steps count from 1); `finished_epoch` is the epoch (from 1) this
     step finished, or None. The last step is left out: the end of the run saves, validates and samples."""
     if global_step >= total_steps:

@@ -21,7 +21,7 @@ from library.errors import ConfigError
 from library.fileio import atomic_dir, recover_dir
 
 if TYPE_CHECKING:
-    from library.config import Job
+    from library.job_types import TrainingJob
     from library.training.method import Method
 
 log = logging.getLogger("pentadactyl")
@@ -156,7 +156,7 @@ def restore_rng(rng: dict) -> None:
 # ---- does a saved state fit this run
 
 
-def check_state_fits_job(state: LoadedState, job: Job, method: Method) -> None:
+def check_state_fits_job(state: LoadedState, job: TrainingJob, method: Method) -> None:
     """Refuse a resume that could not continue the saved run exactly (what the epochs look like is checked
     once the dataset is known: `check_position_fits`)."""
     where = f"resume = \"{job.resume}\""

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from library.config import Job
+from library.job_types import TextualInversionJob
 from library.errors import ConfigError
 from library.training.method import Method, TrainContext
 
@@ -172,7 +172,7 @@ def captions_without_token(datasets, token: str) -> tuple[int, int, str | None]:
 class TextualInversionMethod(Method):
     name = "textual_inversion"
 
-    def __init__(self, job: Job):
+    def __init__(self, job: TextualInversionJob):
         self.job = job
         self.token = job.token_string.strip()
         self.templates = STYLE_TEMPLATES if job.use_style_template else OBJECT_TEMPLATES
