@@ -208,6 +208,8 @@ def load_job(script: str, argv: list[str] | None = None, config_path: str | None
         dataset_tables = load_toml(values["dataset_config"])
 
     datasets = None
+    if spec.before_datasets is not None:
+        spec.before_datasets(MappingProxyType(resolved))
     if spec.has_datasets:
         dataset_source = values.get("dataset_config") or source
         job_dataset_values = {k: v for k, v in values.items() if k in fields}

@@ -293,9 +293,8 @@ def test_folder_mode_class_folder_is_created_and_captions_default_to_class_promp
     reg = tmp_path / "reg"
     argv = ["--pretrained_model_name_or_path", str(tiny_single_file), "--train_data_dir", str(tmp_path / "train"),
             "--reg_data_dir", str(reg), "--num_class_images", "3", "--class_prompt", "a photo of hand"]
-    train_dreambooth.create_class_folder_for_folder_mode(argv)
+    job = load_job("train_dreambooth", argv)  # the loader makes the folder the class images will go to
     assert [p.name for p in reg.iterdir()] == ["1_a photo of hand"]
-    job = load_job("train_dreambooth", argv)
     (reg_subset,) = [s for s in job.datasets[0].subsets if s.is_reg]
     assert reg_subset.image_dir == reg / "1_a photo of hand" and reg_subset.class_tokens == "a photo of hand"
 

@@ -52,12 +52,6 @@ def make_method(job: DreamBoothJob) -> Method:
     return DreamBoothFull(job) if job.dreambooth_mode == "full" else DreamBoothLoRA(job)
 
 
-def class_folder_name(prompt: str) -> str:
-    """Folder-mode sub-folder for generated class images: '1_' + the prompt, made safe as a file name."""
-    safe = "".join(c if c.isalnum() or c in " -_," else "_" for c in prompt).strip(" .") or "class"
-    return f"1_{safe[:80]}"
-
-
 # ------------------------------------------------------------------------------------------ shared parts
 
 

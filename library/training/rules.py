@@ -8,6 +8,8 @@ loader checks keys against each other again.
 from __future__ import annotations
 
 import dataclasses
+import logging
+from pathlib import Path
 from typing import Any, Mapping
 
 from library.errors import ConfigError
@@ -15,6 +17,8 @@ from library.schema import parse_key_values
 from library.training.fields import NETWORK_FIELDS
 
 LORA_ONLY_KEYS = tuple(k for k in NETWORK_FIELDS if k.startswith("network_"))
+
+log = logging.getLogger("pentadactyl")
 
 
 def textual_inversion_rules(values: Mapping[str, Any], given: frozenset[str], datasets: list, source: str) -> list:
@@ -44,6 +48,26 @@ def network_rules(values: Mapping[str, Any], given: frozenset[str], datasets: li
 def reg_subsets(datasets: list | None) -> list:
     """(dataset config, subset config) of every is_reg subset."""
     return [(ds, sub) for ds in datasets or [] for sub in ds.subsets if sub.is_reg]
+
+
+def class_folder_name(prompt: str) -> str:
+    """Folder-mode sub-folder for generated class images: '1_' + the prompt, made safe as a file name."""
+    safe = "".join(c if c.isalnum() or c in " -_," else "_" for c in prompt).strip(" .") or "class"
+    return f"1_{safe[:80]}"
+
+
+def create_class_folder_for_folder_mode(values: Mapping[str, Any]) -> None:
+    """Folder mode reads reg_data_dir's N_concept sub-folders. When the job asks for generated class images
+    and reg_data_dir is missing or empty, make reg_data_dir/1_<class_prompt> for them first."""
+    reg, wanted, prompt = values["reg_data_dir"], values["num_class_images"], values["class_prompt"]
+    if not (values["train_data_dir"] and reg and wanted and prompt and prompt.strip()):
+        return
+    folder = Path(reg).expanduser()
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        return
+    target = folder / class_folder_name(prompt)
+    target.mkdir(parents=True, exist_ok=True)
+    log.info(f"created {target} for the generated class images (reg_data_dir folder mode)")
 
 
 def dreambooth_rules(values: Mapping[str, Any], given: frozenset[str], datasets: list, source: str) -> list:
