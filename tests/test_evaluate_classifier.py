@@ -233,3 +233,13 @@ def test_train_and_score_refuse_what_they_cannot_use(tmp_path):
     (clf / "classifier.json").write_text('{"format": "something else"}')
     assert error(score, ["--db", str(db), "--classifier", str(clf)]) == (
         f"--classifier {clf}: classifier.json is not a pentadactyl rating classifier (format 'something else')")
+
+
+def test_evaluate_py_turns_a_bad_classifier_folder_into_one_line_and_exit_2(tmp_path, capsys):
+    import evaluate
+
+    db, _ = build_db(tmp_path, cells=2, unrated=1)
+    assert evaluate.main(["score", "--db", str(db), "--classifier", str(tmp_path / "nope"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"evaluate.py score: error: --classifier {tmp_path / 'nope'}: no classifier.json there; train a "
+                   f"classifier with `python evaluate.py train-classifier --db DB --out {tmp_path / 'nope'}`"]
