@@ -33,7 +33,7 @@ def main() -> None:
     from PIL import Image
 
     from library.sampling.infotext import a1111_parameters, save_png_atomic
-    from test_evaluate_serve import Server, browser, press, sign_in, wait_ready
+    from support import Server, browser, press, sign_in, wait_ready
     from toy_hands import draw_hand, sample_hand_params, web_like_counts
 
     rng = random.Random(3)

@@ -1,4 +1,5 @@
-"""What several test modules share: job files, the fixed-noise loss, an independent infotext parser.
+"""What several test modules share: job files, the fixed-noise loss, an independent infotext parser, and the
+rating page as a real server process driven by a headless Chromium (also used by bench/bench_rating_page.py).
 
 Test modules import from here (`from support import ...`; pytest.ini puts tests/ and the repository root on
 the path) and never from each other.
@@ -6,13 +7,23 @@ the path) and never from each other.
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
 import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from library.schema import job_toml
+
+REPO = Path(__file__).resolve().parent.parent
 
 # 64-pixel single-bucket training: what every training test's [general] table says
 SMALL_BUCKETS = {"resolution": 64, "min_bucket_reso": 64, "max_bucket_reso": 64}
@@ -108,3 +119,92 @@ def parse_parameters(text: str) -> tuple[str, str, dict[str, str]]:
 def parse_hash_list(value: str) -> dict[str, str]:
     """`name: hash, name: hash` (A1111's Lora/TI hashes) as a dict."""
     return dict(item.split(": ") for item in value.split(", "))
+
+
+# ------------------------------------------------------------------ the rating page: server and browser
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+class Server:
+    """`evaluate.py serve` as a real process on a free port."""
+
+    def __init__(self, db: Path, *extra: str):
+        self.log = open(db.with_suffix(".serve.log"), "a")
+        self.process = subprocess.Popen(
+            [sys.executable, str(REPO / "evaluate.py"), "serve", "--db", str(db), "--port", "0", *extra],
+            stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=REPO)
+        ready, _, _ = select.select([self.process.stdout], [], [], 60)
+        line = self.process.stdout.readline() if ready else ""
+        assert "open http://127.0.0.1:" in line, f"server did not start: {line!r}"
+        self.url = line.split("open ", 1)[1].split()[0]
+        self.port = int(self.url.rsplit(":", 1)[1].strip("/"))
+
+    def request(self, method: str, path: str, body=None, headers=None) -> tuple[int, dict | bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        data = json.dumps(body).encode() if body is not None and not isinstance(body, bytes) else body
+        hdrs = {"Content-Type": "application/json"} if data is not None else {}
+        conn.request(method, path, body=data, headers={**hdrs, **(headers or {})})
+        response = conn.getresponse()
+        raw = response.read()
+        conn.close()
+        if response.getheader("Content-Type", "").startswith("application/json"):
+            return response.status, json.loads(raw)
+        return response.status, raw
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+        self.process.stdout.close()
+        self.log.close()
+
+
+def browser(tmp_path: Path, name: str):
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (requirements-dev.txt)")
+    if not (shutil.which(CHROMIUM) and Path(CHROMEDRIVER).exists()):
+        pytest.skip("Chromium and chromium-driver are not installed (Debian: apt-get install chromium chromium-driver)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1280,800", f"--user-data-dir={tmp_path / name}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+def wait_ready(driver, previous: str | None = None, timeout: float = 20) -> str:
+    """Wait until the page shows an image other than `previous` and accepts keys; its URL."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def shown(d):
+        state = d.execute_script("return [document.body.dataset.state, "
+                                 "document.getElementById('picture').dataset.image || null]")
+        return state[1] if state[0] == "ready" and state[1] != previous else False
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.02).until(shown)
+
+
+def press(driver, key: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.TAG_NAME, "body").send_keys(key)
+
+
+def sign_in(driver, url: str, rater: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    driver.get(url)
+    field = driver.find_element(By.ID, "rater-input")
+    field.clear()
+    field.send_keys(rater)
+    driver.find_element(By.CSS_SELECTOR, "#signin-form button").click()
+    return wait_ready(driver)
+
+
+def open_as(driver, url: str, rater: str) -> str:
+    """The page at `url?rater=NAME`: it starts without asking (a new port is a new origin: no stored name)."""
+    driver.get(f"{url}?rater={rater}")
+    return wait_ready(driver)

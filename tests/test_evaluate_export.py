@@ -114,6 +114,7 @@ def test_several_ratings_of_an_image_combine_as_documented(tmp_path, toy_db):
     only_bob = evaluate("export", "--db", str(db), "--score", "0", "--out", str(tmp_path / "bob"), "--rater", "bob")
     assert only_bob.returncode == 0 and exported(tmp_path / "bob") == {s["six"], s["cup"]}
     counter = evaluate("export", "--db", str(db), "--score", "1", "--out", str(tmp_path / "c"), "--source", "counter")
+    assert counter.returncode == 0, counter.stderr
     assert exported(tmp_path / "c") == {s["five-a"], s["five-b"], s["five-c"]}
 
 

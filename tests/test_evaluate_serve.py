@@ -3,16 +3,9 @@ headless Chromium (driven by selenium; skipped only where Chromium or its driver
 
 from __future__ import annotations
 
-import http.client
-import json
-import os
-import select
-import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,9 +14,9 @@ from PIL import Image
 from library.evaluate.db import connect
 from library.evaluate.server import BadRequest, RatingStore, parse_score
 from library.sampling.infotext import a1111_parameters, save_png_atomic
+from support import Server, browser, open_as, press, sign_in, wait_ready
 
 REPO = Path(__file__).resolve().parent.parent
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 RUNS = ("run-alpha", "run-beta")
 
 
@@ -113,40 +106,6 @@ def test_next_skip_undo_and_duplicates(db):
 # --------------------------------------------------------------------------------------------- HTTP
 
 
-class Server:
-    """`evaluate.py serve` as a real process on a free port."""
-
-    def __init__(self, db: Path, *extra: str):
-        self.log = open(db.with_suffix(".serve.log"), "a")
-        self.process = subprocess.Popen(
-            [sys.executable, str(REPO / "evaluate.py"), "serve", "--db", str(db), "--port", "0", *extra],
-            stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=REPO)
-        ready, _, _ = select.select([self.process.stdout], [], [], 60)
-        line = self.process.stdout.readline() if ready else ""
-        assert "open http://127.0.0.1:" in line, f"server did not start: {line!r}"
-        self.url = line.split("open ", 1)[1].split()[0]
-        self.port = int(self.url.rsplit(":", 1)[1].strip("/"))
-
-    def request(self, method: str, path: str, body=None, headers=None) -> tuple[int, dict | bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        data = json.dumps(body).encode() if body is not None and not isinstance(body, bytes) else body
-        hdrs = {"Content-Type": "application/json"} if data is not None else {}
-        conn.request(method, path, body=data, headers={**hdrs, **(headers or {})})
-        response = conn.getresponse()
-        raw = response.read()
-        conn.close()
-        if response.getheader("Content-Type", "").startswith("application/json"):
-            return response.status, json.loads(raw)
-        return response.status, raw
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
-        self.process.stdout.close()
-        self.log.close()
-
-
 @pytest.fixture
 def server(db):
     started = Server(db)
@@ -202,56 +161,6 @@ def test_token_and_hosts(db):
 
 
 # --------------------------------------------------------------------------------------------- browser
-
-
-def browser(tmp_path: Path, name: str):
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (requirements-dev.txt)")
-    if not (shutil.which(CHROMIUM) and Path(CHROMEDRIVER).exists()):
-        pytest.skip("Chromium and chromium-driver are not installed (Debian: apt-get install chromium chromium-driver)")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1280,800", f"--user-data-dir={tmp_path / name}"):
-        options.add_argument(flag)
-    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-
-
-def wait_ready(driver, previous: str | None = None, timeout: float = 20) -> str:
-    """Wait until the page shows an image other than `previous` and accepts keys; its URL."""
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    def shown(d):
-        state = d.execute_script("return [document.body.dataset.state, "
-                                 "document.getElementById('picture').dataset.image || null]")
-        return state[1] if state[0] == "ready" and state[1] != previous else False
-
-    return WebDriverWait(driver, timeout, poll_frequency=0.02).until(shown)
-
-
-def press(driver, key: str) -> None:
-    from selenium.webdriver.common.by import By
-
-    driver.find_element(By.TAG_NAME, "body").send_keys(key)
-
-
-def sign_in(driver, url: str, rater: str) -> str:
-    from selenium.webdriver.common.by import By
-
-    driver.get(url)
-    field = driver.find_element(By.ID, "rater-input")
-    field.clear()
-    field.send_keys(rater)
-    driver.find_element(By.CSS_SELECTOR, "#signin-form button").click()
-    return wait_ready(driver)
-
-
-def open_as(driver, url: str, rater: str) -> str:
-    """The page at `url?rater=NAME`: it starts without asking (a new port is a new origin: no stored name)."""
-    driver.get(f"{url}?rater={rater}")
-    return wait_ready(driver)
 
 
 @pytest.mark.slow

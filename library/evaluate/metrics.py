@@ -343,7 +343,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "tokenizer and preprocessor files): stores clip_score for each image with a prompt")
     parser.add_argument("--reference", metavar="FOLDER", help="a folder of real images: stores FID and KID of each run "
                         "against it (needs --inception)")
-    parser.add_argument("--inception", metavar="FILE", help=f"the FID Inception-v3 weights (weights-inception-"
+    parser.add_argument("--inception", metavar="FILE", help="the FID Inception-v3 weights (weights-inception-"
                         "2015-12-05-6726825d.pth, or a .safetensors copy); see the README")
     parser.add_argument("--run", action="append", metavar="NAME", help="only this run (repeat for several)")
     parser.add_argument("--batch-size", type=int, default=16)
