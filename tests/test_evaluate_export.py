@@ -183,7 +183,7 @@ def test_exported_folders_train_the_negative_preset_as_they_are(tmp_path, toy_db
     with safe_open(str(embedding), "pt") as f:
         vectors = f.get_tensor("emb_params")
         meta = f.metadata()
-    assert vectors.shape[0] == 2 and meta["ss_contrastive_data_dir"] == "good"  # the preset's two vectors
+    assert vectors.shape[0] == 1 and meta["ss_contrastive_data_dir"] == "good"  # the preset's one vector (the paper's v*)
     # the exported folders as they are: 3 bad and 3 good images, each captioned by the object template
     assert "3 training images" in train.stderr and "contrastive mode: 3 good images" in train.stderr
     assert train.stderr.count("captions: 3 without a caption file (using caption templates)") == 2

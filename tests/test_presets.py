@@ -24,6 +24,8 @@ SCRIPTS = {
     "ti_handpalm_prompts.toml": None,  # a prompt file (sd-scripts .toml syntax), not a job
     "ti_negative_hands.toml": "train_textual_inversion",
     "ti_negative_hands_prompts.toml": None,
+    "ti_handshake.toml": "train_textual_inversion",
+    "ti_handshake_prompts.toml": None,
     "dreambooth_palms_lora.toml": "train_dreambooth",
     "dreambooth_handshakes_lora.toml": "train_dreambooth",
     "dreambooth_palms_full.toml": "train_dreambooth",
