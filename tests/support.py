@@ -208,3 +208,24 @@ def open_as(driver, url: str, rater: str) -> str:
     """The page at `url?rater=NAME`: it starts without asking (a new port is a new origin: no stored name)."""
     driver.get(f"{url}?rater={rater}")
     return wait_ready(driver)
+
+
+def write_tiny_clip(folder: Path) -> Path:
+    """A random CLIP model with 32-wide towers, the shipped SD1 tokenizer and a CLIP image processor, saved to
+    `folder` as a transformers folder (what `evaluate.py metrics --clip` and `--backbone` read)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from library.models.tokenizer import load_tokenizer
+
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    config = CLIPConfig(text_config=dict(vocab_size=49408, max_position_embeddings=77, **tower),
+                        vision_config=dict(image_size=32, patch_size=8, **tower), projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    load_tokenizer().save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 32},
+        "do_center_crop": True, "crop_size": {"height": 32, "width": 32}, "do_normalize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "do_convert_rgb": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255}))
+    return folder

@@ -10,12 +10,12 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image, ImageDraw
 
 from library.errors import ConfigError
 from library.evaluate import classifier
 from library.evaluate.db import connect
+from support import write_tiny_clip
 
 
 def draw(path, good: bool, rng: random.Random, size=32, by="shape"):
@@ -147,24 +147,8 @@ def test_cnn_learns_discs_from_squares_and_score_fills_predictions(tmp_path, cap
 
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
-    """The tiny random CLIP of test_evaluate_metrics, built the same way."""
-    from transformers import CLIPConfig, CLIPModel
-
-    from library.models.tokenizer import load_tokenizer
-
-    folder = tmp_path_factory.mktemp("clip") / "tiny-clip"
-    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    config = CLIPConfig(text_config=dict(vocab_size=49408, max_position_embeddings=77, **tower),
-                        vision_config=dict(image_size=32, patch_size=8, **tower), projection_dim=16)
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(folder)
-    load_tokenizer().save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 32},
-        "do_center_crop": True, "crop_size": {"height": 32, "width": 32}, "do_normalize": True,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "do_convert_rgb": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255}))
-    return folder
+    """The tiny random CLIP (support.write_tiny_clip)."""
+    return write_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
 
 
 def test_backbone_features_and_logistic_head_learn_red_from_blue(tmp_path, clip_folder, capsys):

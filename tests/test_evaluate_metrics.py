@@ -17,6 +17,7 @@ from library.errors import ConfigError
 from library.evaluate import metrics
 from library.evaluate.db import DatabaseError, connect
 from library.evaluate.inception import WEIGHTS_NAME, FidInceptionV3, load_fid_inception, resize_like_tf1
+from support import write_tiny_clip
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -46,23 +47,7 @@ def parse(argv):
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     """A random CLIP model with 32-wide towers, the shipped SD1 tokenizer and a CLIP image processor."""
-    from transformers import CLIPConfig, CLIPModel
-
-    from library.models.tokenizer import load_tokenizer
-
-    folder = tmp_path_factory.mktemp("clip") / "tiny-clip"
-    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    config = CLIPConfig(text_config=dict(vocab_size=49408, max_position_embeddings=77, **tower),
-                        vision_config=dict(image_size=32, patch_size=8, **tower), projection_dim=16)
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(folder)
-    load_tokenizer().save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(
-        '{"image_processor_type": "CLIPImageProcessor", "do_resize": true, "size": {"shortest_edge": 32}, '
-        '"do_center_crop": true, "crop_size": {"height": 32, "width": 32}, "do_normalize": true, '
-        '"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711], '
-        '"do_convert_rgb": true, "resample": 3, "do_rescale": true, "rescale_factor": 0.00392156862745098}')
-    return folder
+    return write_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
 
 
 @pytest.fixture(scope="module")
