@@ -19,8 +19,10 @@ from types import MappingProxyType
 from typing import Any, Iterable, Mapping
 
 from library.dataset import resolve_datasets
-from library.errors import ConfigError
-from library.schema import Field, Unsupported, check_value, did_you_mean, load_toml, parse_cli_value, toml_value
+from library.errors import ConfigError, PentadactylError
+from library.schema import (
+    Field, Unsupported, check_value, did_you_mean, is_off, load_toml, parse_cli_value, raise_all, toml_value,
+)
 from library.scripts import SCRIPTS, ScriptSchema
 
 # Tables of a job file that hold datasets rather than job keys.
@@ -107,6 +109,14 @@ class Job:
         return "\n".join(lines) + "\n"
 
 
+def _split_errors(message: str) -> list[str]:
+    """The problems of a `raise_all` message, one string each."""
+    lines = message.splitlines()
+    if len(lines) > 1 and lines[0].endswith("fix them all, then run again:"):
+        return [re.sub(r"^  \d+\. ", "", line) for line in lines[1:]]
+    return [message]
+
+
 def _line_of(text: str, key: str) -> str:
     """' line N' of the first `key =` in a TOML text, for error messages."""
     for n, line in enumerate(text.splitlines(), 1):
@@ -184,15 +194,30 @@ def load_job(script: str, argv: list[str] | None = None, config_path: str | None
                               f"{', '.join('[' + t + ']' for t in dataset_tables)} table(s).")
 
     values: dict[str, Any] = {}
+    errors: list[str] = []  # every bad key of the file and the command line, reported together
     for key, value in file_values.items():
         where = f"{source}{_line_of(text, key)}"
-        if key in UNSUPPORTED:
-            raise ConfigError(f"{where}: '{key}' is not supported by pentadactyl: {UNSUPPORTED[key].reason}")
-        if key not in fields:
-            raise ConfigError(f"{where}: unknown key '{key}'.{did_you_mean(key, fields)}")
-        values[key] = check_value(key, value, fields[key], where)
+        try:
+            if key in UNSUPPORTED:
+                if is_off(value):  # `v2 = false`, as GUIs and notebooks write: asks for nothing we lack
+                    continue
+                raise ConfigError(f"{where}: '{key}' is not supported by pentadactyl: {UNSUPPORTED[key].reason}")
+            if key not in fields:
+                raise ConfigError(f"{where}: unknown key '{key}'.{did_you_mean(key, fields)}")
+            values[key] = check_value(key, value, fields[key], where)
+        except ConfigError as exc:
+            errors.append(str(exc))
     for key, value in cli.items():
-        values[key] = check_value(key, value, fields[key], f"command line --{key}")
+        try:
+            values[key] = check_value(key, value, fields[key], f"command line --{key}")
+        except ConfigError as exc:
+            errors.append(str(exc))
+    if errors and spec.has_datasets and dataset_tables:
+        try:  # the dataset tables' problems too, in the same run
+            resolve_datasets({}, dataset_tables, source, Path.cwd(), {})
+        except PentadactylError as exc:
+            errors.extend(_split_errors(str(exc)))
+    raise_all(errors)
 
     resolved = {key: f.default for key, f in fields.items()}
     resolved.update(values)

@@ -7,6 +7,7 @@ plain typed values. Errors name the file, the key and the fix ("did you mean", t
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -69,8 +70,34 @@ def did_you_mean(name: str, candidates) -> str:
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
+def is_off(value: Any) -> bool:
+    """A value that switches a feature off (false, 0, "", []): an unsupported key set so is no request at all."""
+    return value is None or value is False or value == "" or value == [] or (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0)
+
+
+def _from_text(value: Any, spec: Field) -> Any:
+    """sd-scripts' text spellings of lists and sizes: resolution = "512" or "512,768"; a list of numbers as
+    "1,2,3"; one string for a list of strings. Anything that does not parse is left for the type check."""
+    if not isinstance(value, str) or spec.type not in ("int|list[int]", "list[int]", "list[float]", "list[str]"):
+        return value
+    if spec.type == "list[str]":
+        return [value]
+    parts = [p.strip() for p in re.split(r"[,x×]", value.strip())] if spec.type == "int|list[int]" else \
+        [p.strip() for p in value.split(",")]
+    try:
+        numbers = [float(p) if spec.type == "list[float]" else int(p) for p in parts]
+    except ValueError:
+        return value
+    if spec.type == "int|list[int]":
+        return numbers[0] if len(numbers) == 1 else numbers
+    return numbers
+
+
 def check_value(key: str, value: Any, spec: Field, where: str) -> Any:
-    """Check one value against its Field; return it normalised (ints accepted as floats)."""
+    """Check one value against its Field; return it normalised (ints accepted as floats, sd-scripts' text
+    spellings of lists and sizes accepted)."""
+    value = _from_text(value, spec)
     if value is None:
         if not spec.nullable:
             raise ConfigError(f"{where}: '{key}' is required ({spec.type_words()}). {spec.help}".strip())
@@ -100,18 +127,42 @@ def validate_table(
     where: str,
     unsupported: Mapping[str, Unsupported] | None = None,
     ignore: tuple[str, ...] = (),
+    errors: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Validate every key of `table`; unknown keys are errors. Returns only the keys present."""
+    """Validate every key of `table`; unknown keys are errors. Returns only the keys present.
+
+    With `errors`, each problem is appended to it and the table's good keys are returned; without, the
+    problems of the whole table are raised together (see `raise_all`). An unsupported key with a value that
+    switches it off (`v2 = false`) is no request and is passed over."""
     out = {}
+    mine: list[str] = []
     for key, value in table.items():
         if key in ignore:
             continue
-        if unsupported and key in unsupported:
-            raise ConfigError(f"{where}: '{key}' is not supported by pentadactyl: {unsupported[key].reason}")
-        if key not in fields:
-            raise ConfigError(f"{where}: unknown key '{key}'.{did_you_mean(key, fields)}")
-        out[key] = check_value(key, value, fields[key], where)
+        try:
+            if unsupported and key in unsupported:
+                if is_off(value):
+                    continue
+                raise ConfigError(f"{where}: '{key}' is not supported by pentadactyl: {unsupported[key].reason}")
+            if key not in fields:
+                raise ConfigError(f"{where}: unknown key '{key}'.{did_you_mean(key, fields)}")
+            out[key] = check_value(key, value, fields[key], where)
+        except ConfigError as exc:
+            mine.append(str(exc))
+    if errors is None:
+        raise_all(mine)
+    else:
+        errors.extend(mine)
     return out
+
+
+def raise_all(errors: list[str]) -> None:
+    """One ConfigError for every problem found: the message itself when there is one, else a numbered list."""
+    if len(errors) == 1:
+        raise ConfigError(errors[0])
+    if errors:
+        raise ConfigError(f"{len(errors)} problems; fix them all, then run again:\n"
+                          + "\n".join(f"  {n}. {e}" for n, e in enumerate(errors, 1)))
 
 
 def parse_cli_value(key: str, text: str, spec: Field) -> Any:

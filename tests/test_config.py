@@ -144,3 +144,34 @@ def test_job_types_list_every_key_of_every_script_with_its_type():
     assert job_types.NetworkJob.__annotations__["network_dim"] == "int"
     assert job_types.TrainingJob.__annotations__["ema_decay"] == "float | None"
     assert job_types.SampleJob.__annotations__["max_token_length"] == "int | None"
+
+
+def test_sd_scripts_spellings_are_accepted(tmp_path):
+    """What kohya_ss's GUI and the Colab notebooks write: false-valued flags of features we lack, sizes and lists
+    as text."""
+    path = job_file(tmp_path, 'v2 = false\nv_parameterization = false\nfull_fp16 = false\nlowram = false\n'
+                              'scale_weight_norms = 0\nip_noise_gamma = 0\nvae = ""\nnetwork_args = "conv_dim=4"\n'
+                              'resolution = "512,768"\n')
+    job = load_job("train_network", config_path=str(path))
+    assert job.network_args == ["conv_dim=4"] and job.datasets[0].resolution == (512, 768)
+    for text, size in (('"640"', (640, 640)), ('"640x448"', (640, 448)), ("[448, 640]", (448, 640))):
+        job = load_job("train_network", config_path=str(job_file(tmp_path, f"resolution = {text}\n")))
+        assert job.datasets[0].resolution == size, text
+    assert not {"v2", "vae", "full_fp16"} & set(job.given)
+
+
+def test_every_bad_key_of_a_file_is_reported_in_one_run(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text('pretrained_model_name_or_path = "m.safetensors"\nv2 = true\nlerning_rate = 1e-4\n'
+                    'network_dim = "four"\nmixed_precision = "fp8"\n'
+                    '[[datasets]]\nresolution = "big"\n[[datasets.subsets]]\nimage_dir = "x"\nnum_repeat = 2\n')
+    with pytest.raises(ConfigError) as caught:
+        load_job("train_network", config_path=str(path))
+    lines = str(caught.value).splitlines()
+    assert lines[0] == "6 problems; fix them all, then run again:"
+    assert "line 2: 'v2' is not supported by pentadactyl" in lines[1]
+    assert "line 3: unknown key 'lerning_rate'. Did you mean 'learning_rate'?" in lines[2]
+    assert "line 4: 'network_dim' must be an integer" in lines[3]
+    assert "line 5: 'mixed_precision' = 'fp8' is not one of" in lines[4]
+    assert "[[datasets]] #1: 'resolution' must be an integer or a list of two integers" in lines[5]
+    assert "[[datasets.subsets]] #1: unknown key 'num_repeat'. Did you mean 'num_repeats'?" in lines[6]

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 from library.dataset.captions import CaptionOptions
 from library.dataset.images import DEFAULT_MAX_IMAGE_PIXELS, check_folder, is_image_file
 from library.errors import ConfigError, DatasetError
-from library.schema import Field, Unsupported, validate_table
+from library.schema import Field, Unsupported, raise_all, validate_table
 
 LATENT_FACTOR = 8  # pixels per latent cell of the SD1.x VAE
 UNET_GRID = 64  # latent sizes divisible by 8 keep the SD1.x U-Net's three downsamplings exact
@@ -390,28 +390,40 @@ def resolve_datasets(job: Mapping[str, Any], dataset_table: Mapping[str, Any] | 
         raise ConfigError(f"{where}: 'datasets' must be an array of tables: write [[datasets]], not [datasets].")
     datasets_raw = top.pop("datasets", None)
     general_raw = top.pop("general", {})
-    validate_table(top, _TABLE_TOP_FIELDS, where)  # anything else left at the top is unknown
-    general = validate_table(general_raw, {**SUBSET_FIELDS, **DATASET_FIELDS}, f"{where} [general]", UNSUPPORTED_DATASET_KEYS)
+    errors: list[str] = []  # every bad key of every table, reported together
+    validate_table(top, _TABLE_TOP_FIELDS, where, errors=errors)  # anything else left at the top is unknown
+    general = validate_table(general_raw, {**SUBSET_FIELDS, **DATASET_FIELDS}, f"{where} [general]",
+                             UNSUPPORTED_DATASET_KEYS, errors=errors)
     if not datasets_raw:
-        raise ConfigError(f"{where}: no [[datasets]] table; add one with at least one [[datasets.subsets]] image_dir.")
-
-    out = []
-    for i, ds_raw in enumerate(datasets_raw, 1):
+        errors.append(f"{where}: no [[datasets]] table; add one with at least one [[datasets.subsets]] image_dir.")
+    tables = []
+    for i, ds_raw in enumerate(datasets_raw or [], 1):
         ds_where = f"{where} [[datasets]] #{i}"
         if not isinstance(ds_raw, dict):
-            raise ConfigError(f"{ds_where}: must be a table.")
+            errors.append(f"{ds_where}: must be a table.")
+            continue
         ds_raw = dict(ds_raw)
         subsets_raw = ds_raw.pop("subsets", None)
-        ds = validate_table(ds_raw, {**SUBSET_FIELDS, **DATASET_FIELDS}, ds_where, UNSUPPORTED_DATASET_KEYS)
+        ds = validate_table(ds_raw, {**SUBSET_FIELDS, **DATASET_FIELDS}, ds_where, UNSUPPORTED_DATASET_KEYS,
+                            errors=errors)
         if not subsets_raw or not isinstance(subsets_raw, list):
-            raise ConfigError(f"{ds_where}: no [[datasets.subsets]]; add one with image_dir = \"folder\".")
+            errors.append(f"{ds_where}: no [[datasets.subsets]]; add one with image_dir = \"folder\".")
+            continue
         subsets = []
         for j, sub_raw in enumerate(subsets_raw, 1):
             sub_where = f"{ds_where} [[datasets.subsets]] #{j}"
             if not isinstance(sub_raw, dict):
-                raise ConfigError(f"{sub_where}: must be a table.")
-            sub = validate_table(sub_raw, {**SUBSET_ONLY_FIELDS, **SUBSET_FIELDS}, sub_where, UNSUPPORTED_DATASET_KEYS)
-            subsets.append(_make_subset([cli_layer, sub, ds, general, job_layer], base_dir, sub_where))
-        out.append(_make_dataset([cli_layer, ds, general, job_layer], tuple(subsets), job, ds_where))
+                errors.append(f"{sub_where}: must be a table.")
+                continue
+            subsets.append((validate_table(sub_raw, {**SUBSET_ONLY_FIELDS, **SUBSET_FIELDS}, sub_where,
+                                           UNSUPPORTED_DATASET_KEYS, errors=errors), sub_where))
+        tables.append((ds, ds_where, subsets))
+    raise_all(errors)
+
+    out = []
+    for ds, ds_where, subsets in tables:
+        made = tuple(_make_subset([cli_layer, sub, ds, general, job_layer], base_dir, sub_where)
+                     for sub, sub_where in subsets)
+        out.append(_make_dataset([cli_layer, ds, general, job_layer], made, job, ds_where))
     return out
 
