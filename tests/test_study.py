@@ -3,9 +3,11 @@ without redoing finished rows and ends with the report an uninterrupted run writ
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,8 @@ import pytest
 from library.errors import ConfigError, PentadactylError
 from library.schema import job_toml
 from library.study.plan import load_study
-from library.study.runner import describe_plan, run_study, training_job
+from library.evaluate import classifier
+from library.study.runner import describe_plan, judge_and_report, run_study, training_job
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -168,3 +171,29 @@ def test_interrupted_study_resumes_and_reports_as_an_uninterrupted_one(tmp_path,
     object.__setattr__(changed.rows[1], "overrides", {"learning_rate": 5e-3})
     with pytest.raises(ConfigError, match="trained from another job"):
         run_study(changed, tmp_path / "cut", progress=False)
+
+    # judge = "classifier": a classifier fitted on people's ratings (here: made up, half 1, half 0) rates every
+    # image of the study
+    conn = sqlite3.connect(resumed.database)
+    with conn:
+        conn.executemany("INSERT INTO ratings (image_id, rater, score, no_hand, source) VALUES (?, 'ann', ?, 0, "
+                         "'human')", [(i, float(i % 2)) for (i,) in conn.execute("SELECT id FROM images")])
+    conn.close()
+    parser = argparse.ArgumentParser()
+    classifier.add_train_arguments(parser)
+    clf = tmp_path / "clf"
+    assert classifier.run_train(parser.parse_args(["--db", str(resumed.database), "--out", str(clf), "--source",
+                                                   "human", "--image-size", "32", "--epochs", "1",
+                                                   "--device", "cpu"])) == 0
+    by_classifier = replace(study, judge="classifier", classifier=clf)
+    judged = judge_and_report(by_classifier, resumed.database, tmp_path / "clf-report", progress=False)
+    conn = sqlite3.connect(resumed.database)
+    rated = conn.execute("SELECT COUNT(*), COUNT(DISTINCT image_id) FROM ratings WHERE source = 'classifier'").fetchone()
+    predicted = conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0]
+    conn.close()
+    assert judged.report is not None and rated == (24, 24) and predicted == 24
+    assert "classifier" in (judged.report / "report.md").read_text()
+    judge_and_report(by_classifier, resumed.database, tmp_path / "clf-report", progress=False)  # nothing new
+    conn = sqlite3.connect(resumed.database)
+    assert conn.execute("SELECT COUNT(*) FROM ratings WHERE source = 'classifier'").fetchone()[0] == 24
+    conn.close()

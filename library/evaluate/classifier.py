@@ -470,3 +470,27 @@ COMMANDS = {
     "score": ("store a trained classifier's predicted score for images (unrated ones by default)",
               add_score_arguments, run_score),
 }
+
+
+def rate_with_classifier(conn: sqlite3.Connection, db_path, folder, device: str = "auto",
+                         batch_size: int = 32) -> dict[str, int]:
+    """The classifier as a judge (study.py's judge = "classifier"): every image it has not rated yet gets its
+    predicted probability stored in `predictions` and a rating of 1 (p ≥ ½) or 0 with rater = the
+    classifier's name and source = 'classifier', so that `report --source classifier` counts them.
+    The classifier was fitted on 0 against 1, so it never gives ½ or "no hand"."""
+    scorer = Scorer(folder, pick_device(device))
+    done = {r[0] for r in conn.execute("SELECT image_id FROM ratings WHERE rater = ? AND source = 'classifier'",
+                                       (scorer.name,))}
+    found, missing = readable(db_path, [r for r in selected_images(conn, None) if r["id"] not in done])
+    _warn_missing(missing)
+    counts = {"good": 0, "bad": 0, "already": len(done), "missing": len(missing)}
+    for chunk in batches(found, 256):
+        prob = scorer.probabilities([p for _, p in chunk], batch_size).tolist()
+        store_predictions(conn, scorer.name, [(r["id"], s) for (r, _), s in zip(chunk, prob)])
+        conn.execute("BEGIN")
+        for (row, _), p in zip(chunk, prob):
+            conn.execute("INSERT INTO ratings (image_id, rater, score, no_hand, source) VALUES (?, ?, ?, 0, "
+                         "'classifier')", (row["id"], scorer.name, 1.0 if p >= 0.5 else 0.0))
+            counts["good" if p >= 0.5 else "bad"] += 1
+        conn.execute("COMMIT")
+    return counts

@@ -61,7 +61,7 @@ from library.errors import ConfigError
 log = logging.getLogger("pentadactyl")
 
 NO_HAND = "no hand"
-SOURCES = ("human", "counter", "all")
+SOURCES = ("human", "counter", "classifier", "all")
 INTERVALS = ("auto", "bootstrap", "wilson")
 LEVEL = 0.95
 
@@ -610,7 +610,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder for report.md, report.csv, pairs.csv, "
                                                      "agreement.csv and plots/")
     parser.add_argument("--source", choices=SOURCES, default="human",
-                        help="which ratings count: human raters (default), the finger counter, or all")
+                        help="which ratings count: human raters (default), the finger counter, a classifier "
+                             "(study.py's judge), or all")
     parser.add_argument("--rater", action="append", default=[], metavar="NAME",
                         help="count only this rater's ratings (repeat for several)")
     parser.add_argument("--interval", choices=INTERVALS, default="auto",

@@ -1,6 +1,6 @@
 """The study file: what a study trains, samples and judges, read and checked before anything runs.
 
-    [study]                       name, model (the base checkpoint every row starts from), judge, out
+    [study]                       name, model (the base checkpoint every row starts from), judge, classifier, out
     [seeds]                       dev = {start = 1000, count = 8}; test = {start = 5000, count = 8} (or lists)
     [sample]                      sample.py keys used for every image (prompts, sampler, steps, cfg_scale, …)
     [[rows]]                      name, label, script, job, overrides, checkpoints, multipliers,
@@ -21,14 +21,15 @@ from library.errors import ConfigError
 from library.schema import load_toml
 from library.scripts import SCRIPTS
 
-JUDGES = ("ratings", "counter")  # people on `evaluate.py serve`, or the toy world's finger counter
+JUDGES = ("ratings", "counter", "classifier")  # people on `evaluate.py serve`, the toy world's finger counter,
+# or a classifier made by `evaluate.py train-classifier` ([study] classifier = "folder")
 TRAINING_SCRIPTS = ("train_network", "train_textual_inversion", "train_dreambooth")
 SEED_SETS = ("dev", "test")
 # sample keys the study sets itself for every image
 STUDY_SAMPLE_KEYS = {"pretrained_model_name_or_path", "output_dir", "output_name", "seeds", "networks",
                      "embeddings", "sweep_multipliers", "sweep_network", "grid"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_STUDY_KEYS = {"name", "model", "judge", "out"}
+_STUDY_KEYS = {"name", "model", "judge", "classifier", "out"}
 _ROW_KEYS = {"name", "label", "script", "job", "overrides", "checkpoints", "multipliers", "prompt_template",
              "negative_prompt"}
 
@@ -53,6 +54,7 @@ class Study:
     model: Path
     judge: str
     out: Path
+    classifier: Path | None
     seeds: dict[str, tuple[int, ...]]
     sample: dict[str, Any]
     rows: tuple[Row, ...]
@@ -148,8 +150,15 @@ def load_study(path: str | Path) -> Study:
         model = ""
     judge = head.get("judge", "ratings")
     if judge not in JUDGES:
-        errors.append(f"[study]: judge = {judge!r}: choose 'ratings' (people, on `evaluate.py serve`) or 'counter' "
-                      "(the toy hand world's finger counter)")
+        errors.append(f"[study]: judge = {judge!r}: choose 'ratings' (people, on `evaluate.py serve`), 'counter' "
+                      "(the toy hand world's finger counter) or 'classifier' (with classifier = \"folder\")")
+    classifier = head.get("classifier")
+    if judge == "classifier" and not isinstance(classifier, str):
+        errors.append("[study]: judge = 'classifier' needs classifier = \"clf\", the folder `evaluate.py "
+                      "train-classifier --out clf` wrote")
+    elif judge == "classifier" and not Path(classifier).is_dir():
+        errors.append(f"[study]: classifier = {classifier!r}: no such folder; train one with `evaluate.py "
+                      "train-classifier --db ratings.sqlite --out clf`")
     seeds_table = table.get("seeds", {})
     _unknown(seeds_table, set(SEED_SETS), "[seeds]", errors)
     seeds = {name: _seeds(seeds_table[name], f"[seeds] {name}", errors) for name in SEED_SETS if name in seeds_table}
@@ -178,5 +187,5 @@ def load_study(path: str | Path) -> Study:
     if errors:
         raise ConfigError(f"{path}: {len(errors)} problem(s):\n  " + "\n  ".join(errors))
     out = head.get("out", f"study_{head.get('name', path.stem)}")
-    return Study(path, str(head.get("name", path.stem)), (base / model).resolve(), judge, Path(out), seeds, sample,
-                 tuple(rows))
+    return Study(path, str(head.get("name", path.stem)), (base / model).resolve(), judge, Path(out),
+                 Path(classifier) if judge == "classifier" else None, seeds, sample, tuple(rows))

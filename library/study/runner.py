@@ -223,6 +223,11 @@ def judge_and_report(study: Study, database: Path, report_dir: Path, progress: b
         if study.judge == "counter":
             rate_with_counter(conn, progress=progress)
             source = "counter"
+        elif study.judge == "classifier":
+            from library.evaluate.classifier import rate_with_classifier
+
+            rate_with_classifier(conn, database, study.classifier)
+            source = "classifier"
         else:
             source = "human"
         unrated = conn.execute("SELECT COUNT(*) FROM images WHERE id NOT IN "
