@@ -35,7 +35,7 @@ from library.errors import ConfigError
 
 MANIFEST = "export.json"
 COUNTER = "counter"  # the counter's rater name and source
-_SCORES = {"0": 0.0, "0.5": 0.5, "1": 1.0}
+SCORES = {"0": 0.0, "0.5": 0.5, "1": 1.0}  # --score's choices (also prepare_dataset.py from-ratings)
 
 
 def exportable(conn, score: float, source: str = "human", raters: tuple[str, ...] = (), runs: tuple[str, ...] = ()):
@@ -52,6 +52,47 @@ def exportable(conn, score: float, source: str = "human", raters: tuple[str, ...
 
 def _safe_name(run: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", run).strip("-.") or "run"
+
+
+def export_stem(row) -> str:
+    """An exported image's file name without its extension: `<run>_<sha256 prefix>`."""
+    return f"{_safe_name(row['run'])}_{row['sha256'][:16]}"
+
+
+def select_exportable(db: str, score_text: str, source: str = "human", raters: tuple[str, ...] = (),
+                      runs: tuple[str, ...] = ()):
+    """`exportable` on the database file `db`, with --score given as text: (chosen, every record considered).
+
+    A --run that names no run, or no image with the score, is a ConfigError (nothing gets written).
+    """
+    from library.evaluate.db import connect
+
+    conn = connect(db, create=False)
+    try:
+        if runs:
+            known = {row[0] for row in conn.execute("SELECT DISTINCT run FROM images")}
+            unknown = sorted(set(runs) - known)
+            if unknown:
+                raise ConfigError(f"--run {', '.join(unknown)}: no such run in {db} "
+                                  f"(runs: {', '.join(sorted(known)) or 'none'})")
+        chosen, records = exportable(conn, SCORES[score_text], source, raters, runs)
+    finally:
+        conn.close()
+    if not chosen:
+        scored = sum(r.score is not None for r in records)
+        hint = (" (the counter's ratings count only with --source counter)" if source == "human" else "")
+        raise ConfigError(f"--score {score_text}: no image of {db} has that score among {scored} scored "
+                          f"image(s) with {source} ratings{hint}; rate more images first "
+                          "(`evaluate.py serve`), nothing was written")
+    return chosen, records
+
+
+def check_sources_present(chosen) -> None:
+    """Every chosen image's file is where the database says, or a ConfigError before anything is written."""
+    missing = [row["path"] for _, row in chosen if not Path(row["path"]).is_file()]
+    if missing:
+        raise ConfigError(f"{len(missing)} image file(s) to export are gone, e.g. {missing[0]}; put them back or "
+                          "import their new folder (`evaluate.py import` updates moved paths)")
 
 
 def check_replaceable(out: Path) -> None:
@@ -81,13 +122,10 @@ def write_export(chosen, out: Path, score: float, source: str) -> list[dict]:
     from library.fileio import atomic_dir, write_text_atomic
 
     listing = []
-    missing = [row["path"] for _, row in chosen if not Path(row["path"]).is_file()]
-    if missing:
-        raise ConfigError(f"{len(missing)} image file(s) to export are gone, e.g. {missing[0]}; put them back or "
-                          "import their new folder (`evaluate.py import` updates moved paths)")
+    check_sources_present(chosen)
     with atomic_dir(out) as tmp:
         for record, row in tqdm(chosen, desc="exporting", unit="img", disable=len(chosen) < 50):
-            name = f"{_safe_name(row['run'])}_{row['sha256'][:16]}.png"
+            name = f"{export_stem(row)}.png"
             shutil.copyfile(row["path"], tmp / name)
             listing.append({"file": name, "sha256": row["sha256"], "run": row["run"], "prompt": record.prompt,
                             "negative_prompt": record.negative_prompt, "seed": record.seed,
@@ -100,7 +138,7 @@ def write_export(chosen, out: Path, score: float, source: str) -> list[dict]:
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", required=True, help="the rating database (SQLite)")
-    parser.add_argument("--score", required=True, choices=sorted(_SCORES),
+    parser.add_argument("--score", required=True, choices=sorted(SCORES),
                         help="export the images with this score: 0 (the bad ones, for a negative embedding), "
                              "1 (the good ones, for the contrastive mode) or 0.5")
     parser.add_argument("--out", required=True, help="the folder to write (replaced only when it is an earlier "
@@ -114,28 +152,10 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from library.evaluate.db import connect
-
-    score = _SCORES[args.score]
+    score = SCORES[args.score]
     out = Path(args.out)
     check_replaceable(out)
-    conn = connect(args.db, create=False)
-    try:
-        if args.run:
-            known = {row[0] for row in conn.execute("SELECT DISTINCT run FROM images")}
-            unknown = sorted(set(args.run) - known)
-            if unknown:
-                raise ConfigError(f"--run {', '.join(unknown)}: no such run in {args.db} "
-                                  f"(runs: {', '.join(sorted(known)) or 'none'})")
-        chosen, records = exportable(conn, score, args.source, tuple(args.rater), tuple(args.run))
-    finally:
-        conn.close()
-    if not chosen:
-        scored = sum(r.score is not None for r in records)
-        hint = (" (the counter's ratings count only with --source counter)" if args.source == "human" else "")
-        raise ConfigError(f"--score {args.score}: no image of {args.db} has that score among {scored} scored "
-                          f"image(s) with {args.source} ratings{hint}; rate more images first "
-                          "(`evaluate.py serve`), nothing was written")
+    chosen, records = select_exportable(args.db, args.score, args.source, tuple(args.rater), tuple(args.run))
     listing = write_export(chosen, out, score, args.source)
     runs = sorted({item["run"] for item in listing})
     print(f"wrote {len(listing)} image(s) with score {args.score} to {out} (runs: {', '.join(runs)}; "
