@@ -52,12 +52,21 @@ def test_study_refuses_a_folder_that_holds_a_study(tmp_path):
     assert list(tmp_path.iterdir()) == [tmp_path / "jobs"]
 
 
+def test_dev_and_test_seeds_are_disjoint_from_each_other_and_from_the_pool(tmp_path):
+    dev, test = (study.Study(tmp_path, study.FULL, TOY_MODEL_PATH, s) for s in ("dev", "test"))
+    pool = set(range(study.POOL_SEED, study.POOL_SEED + study.FULL.pool_seeds))
+    assert dev.eval_seeds[0] == 10_000 and test.eval_seeds[0] == 30_000 and len(test.eval_seeds) == 25
+    assert not set(dev.eval_seeds) & set(test.eval_seeds) and not (set(dev.eval_seeds) | set(test.eval_seeds)) & pool
+    assert dev.hand_prompts == test.hand_prompts  # the same prompts: only the seeds are fresh
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not TOY_MODEL_PATH.is_file(), reason="the toy hand model is not in this checkout")
 def test_quick_study_end_to_end(tmp_path):
     out = tmp_path / "study"
     study.main(["--out", str(out), "--quick"])
     results = json.loads((out / "results.json").read_text())
+    assert results["seed_set"] == "dev" and results["eval_seeds"][0] == 10_000
     plan = study.QUICK
     per_row = plan.eval_prompts * plan.eval_seeds
     expected = {"base", "lora_attn_r4", "lora_attn_r64", "locon_conv_te", "ti_positive", "ti_negative",
