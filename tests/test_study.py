@@ -30,7 +30,7 @@ def test_every_mistake_of_a_study_file_is_reported_at_once(tmp_path, monkeypatch
         '[seeds]\ndev = { start = 0, count = 4 }\ntest = [3, 9]\n'
         '[sample]\nsteps = 30\nseeds = [1]\n'
         '[[rows]]\nname = "a"\nscript = "train_network"\njob = "missing.toml"\n'
-        '[[rows]]\nname = "a"\nscript = "train_network"\njob = "job.toml"\noverrides = { max_train_stpes = 9 }\n'
+        '[[rows]]\nname = "a"\nscript = "train_network"\njob = "job.toml"\noverrides = { max_train_stpes = 9, output_dir = "x", learning_rate = "fast" }\n'
         'checkpoints = [0]\nprompt_template = "a hand"\n'
         '[[rows]]\nname = "../x"\njob = "job.toml"\n')
     with pytest.raises(ConfigError) as caught:
@@ -44,6 +44,8 @@ def test_every_mistake_of_a_study_file_is_reported_at_once(tmp_path, monkeypatch
         "[sample]: prompts = [",
         "[[rows]] 'a': job = 'missing.toml': no such file",
         "[[rows]] 'a': overrides.max_train_stpes is not a key of train_network.py jobs",
+        "[[rows]] 'a': overrides.output_dir: the study sets it for every row",
+        "[[rows]] 'a': overrides: 'learning_rate' must be a number",
         "[[rows]] 'a': checkpoints must be a list of training steps",
         "[[rows]] 'a': prompt_template must contain {prompt}",
         "[[rows]] #3: name = '../x'",
@@ -68,7 +70,7 @@ def test_sd15_study_file_plans_every_experiment_of_the_paper(monkeypatch):
     assert "40 images per checkpoint" in plan and "lora_11k_r64" in plan and "; 280 images" in plan
     assert "in all: 1040 images" in plan
     # the row's job: the preset with the study's model, folder and save interval, and no in-training samples
-    text, keys = training_job(study, study.rows[1], Path("study_sd15"))
+    text, keys, _ = training_job(study, study.rows[1], Path("study_sd15"))
     assert keys["save_every_n_steps"] == 5000 and "sample_prompts" not in keys
     assert keys["pretrained_model_name_or_path"] == str(REPO / "models" / "v1-5-pruned-emaonly.safetensors")
     assert keys["max_train_steps"] == 30000 and keys["optimizer_type"] == "AdamW" and "[general]" in text
@@ -159,18 +161,35 @@ def test_interrupted_study_resumes_and_reports_as_an_uninterrupted_one(tmp_path,
     rows = conn.execute("SELECT run, training_step, COUNT(*), COUNT(DISTINCT seed) FROM images "
                         "GROUP BY run, training_step ORDER BY run, training_step").fetchall()
     ratings = conn.execute("SELECT COUNT(*) FROM ratings WHERE source = 'counter'").fetchone()[0]
-    loras = {r[0] for r in conn.execute("SELECT loras FROM images WHERE run = 'lora' AND training_step = 4")}
+    multipliers = {run: {json.loads(x)[0][1] for (x,) in conn.execute("SELECT loras FROM images WHERE run = ?",
+                                                                       (run,))} for run in ("lora", "lora@x0.5")}
     conn.close()
-    # base: 4 images; LoRA: 4 at step 2, 8 at the end (two multipliers); embedding: 4 at step 1 and 4 at the end
-    assert rows == [("base", None, 4, 2), ("lora", 2, 4, 2), ("lora", 4, 8, 2), ("ti", 1, 4, 2), ("ti", 2, 4, 2)]
-    assert ratings == 24 and {json.loads(x)[0][1] for x in loras} == {0.5, 1.0}
+    # base: 4 images; LoRA: 4 at step 2 and 4 at the end at 1, 4 at the end at 0.5 (a run of its own);
+    # embedding: 4 at step 1 and 4 at the end
+    assert rows == [("base", None, 4, 2), ("lora", 2, 4, 2), ("lora", 4, 4, 2), ("lora@x0.5", 4, 4, 2),
+                    ("ti", 1, 4, 2), ("ti", 2, 4, 2)]
+    assert ratings == 24 and multipliers == {"lora": {1.0}, "lora@x0.5": {0.5}}
+    # study.md: one line per run at its final weights, in the study file's order
+    lines = [line for line in (resumed.report / "study.md").read_text().splitlines() if line.startswith("| ")]
+    assert [line.split(" | ")[1:3] for line in lines[1:]] == [
+        ["base", "—"], ["lora", "4"], ["lora@x0.5", "4"], ["ti", "2"]]
+    assert lines[1].startswith("| base model |") and lines[3].startswith("| LoRA r4 ×0.5 |")
+    # the save interval's by-products are gone: the step-2 checkpoint and the final weights remain
+    assert sorted(p.name for p in (tmp_path / "cut" / "rows" / "lora").glob("*.safetensors")) == [
+        "lora-step00000002.safetensors", "lora.safetensors"]
     # a finished study run again does nothing new; a changed row is refused, not silently mixed
     again = run_study(study, tmp_path / "cut", progress=False)
     assert again.images == resumed.images and lora_marker.stat().st_mtime_ns == kept[0]
-    changed = load_study(tmp_path / "study.toml")
-    object.__setattr__(changed.rows[1], "overrides", {"learning_rate": 5e-3})
-    with pytest.raises(ConfigError, match="trained from another job"):
+    relabelled = replace(study, name="renamed", rows=(study.rows[0], replace(study.rows[1], label="renamed"),
+                                                      study.rows[2]))
+    assert run_study(relabelled, tmp_path / "cut", progress=False).images == resumed.images  # labels only: kept
+    changed = replace(study, rows=(study.rows[0], replace(study.rows[1], overrides={"learning_rate": 5e-3}),
+                                   study.rows[2]))
+    with pytest.raises(ConfigError, match=r"trained from another job .* --reset lora"):
         run_study(changed, tmp_path / "cut", progress=False)
+    resampled = replace(study, sample={**study.sample, "steps": 2})
+    with pytest.raises(ConfigError, match=r"holds images of other weights or sample settings .* --reset base"):
+        run_study(resampled, tmp_path / "cut", progress=False)
 
     # judge = "classifier": a classifier fitted on people's ratings (here: made up, half 1, half 0) rates every
     # image of the study
@@ -197,3 +216,19 @@ def test_interrupted_study_resumes_and_reports_as_an_uninterrupted_one(tmp_path,
     conn = sqlite3.connect(resumed.database)
     assert conn.execute("SELECT COUNT(*) FROM ratings WHERE source = 'classifier'").fetchone()[0] == 24
     conn.close()
+
+    # --reset forgets a row (refused while people's ratings would go with it, unless --force); the next run
+    # trains and samples it again and the report is as before
+    import study as study_cli
+
+    command = ["--config", str(tmp_path / "study.toml"), "--out", str(tmp_path / "cut"), "--reset", "lora"]
+    with pytest.raises(ConfigError, match=r"people gave 12 rating\(s\) to its images .* --force"):
+        study_cli.main(command)
+    assert lora_marker.is_file()
+    assert study_cli.main([*command, "--force"]) == 0
+    assert not (tmp_path / "cut" / "rows" / "lora").exists()
+    assert not (tmp_path / "cut" / "dev" / "samples" / "lora").exists()
+    again = run_study(study, tmp_path / "cut", progress=False)
+    assert lora_marker.is_file() and again.images == whole.images
+    # the rows' numbers as before (report.md and .csv now also hold the classifier's predictions)
+    assert (again.report / "study.md").read_text() == (whole.report / "study.md").read_text()

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from library.errors import ConfigError
-from library.schema import load_toml
+from library.schema import check_value, load_toml
 from library.scripts import SCRIPTS
 
 JUDGES = ("ratings", "counter", "classifier")  # people on `evaluate.py serve`, the toy world's finger counter,
@@ -28,6 +28,11 @@ SEED_SETS = ("dev", "test")
 # sample keys the study sets itself for every image
 STUDY_SAMPLE_KEYS = {"pretrained_model_name_or_path", "output_dir", "output_name", "seeds", "networks",
                      "embeddings", "sweep_multipliers", "sweep_network", "grid"}
+# keys of a row's job the study replaces: it samples the checkpoints itself and keeps the files it asks for
+DROPPED = ("sample_prompts", "sample_every_n_steps", "sample_every_n_epochs", "sample_at_first",
+           "save_every_n_epochs", "save_last_n_steps", "save_last_n_epochs", "resume")
+# keys the study sets for every row: an override would be lost, so it is refused
+STUDY_OWNED = ("pretrained_model_name_or_path", "output_dir", "save_every_n_steps", *DROPPED)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _STUDY_KEYS = {"name", "model", "judge", "classifier", "out"}
 _ROW_KEYS = {"name", "label", "script", "job", "overrides", "checkpoints", "multipliers", "prompt_template",
@@ -111,9 +116,20 @@ def _row(table: Any, index: int, base: Path, errors: list[str]) -> Row | None:
         errors.append(f"{where}: overrides must be a table of job keys, e.g. {{ max_train_steps = 5000 }}")
         overrides = {}
     elif script in SCRIPTS:
-        known = set(SCRIPTS[script].fields) | {"general", "datasets"}
-        for key in sorted(set(overrides) - known):
-            errors.append(f"{where}: overrides.{key} is not a key of {script}.py jobs")
+        fields = SCRIPTS[script].fields
+        for key in sorted(overrides):
+            if key in ("general", "datasets"):
+                continue
+            if key not in fields:
+                errors.append(f"{where}: overrides.{key} is not a key of {script}.py jobs")
+            elif key in STUDY_OWNED:
+                errors.append(f"{where}: overrides.{key}: the study sets it for every row (the model in [study], "
+                              "the save interval from checkpoints, samples from [sample]); leave it out")
+            else:
+                try:
+                    check_value(key, overrides[key], fields[key], f"{where}: overrides")
+                except ConfigError as exc:
+                    errors.append(str(exc))
     checkpoints = table.get("checkpoints", [])
     if not (isinstance(checkpoints, list) and all(isinstance(s, int) and s >= 1 for s in checkpoints)):
         errors.append(f"{where}: checkpoints must be a list of training steps such as [500, 1000]")
