@@ -21,7 +21,8 @@ from typing import Any, Iterable, Mapping
 from library.dataset import resolve_datasets
 from library.errors import ConfigError, PentadactylError
 from library.schema import (
-    Field, Unsupported, check_value, did_you_mean, is_off, load_toml, parse_cli_value, raise_all, toml_value,
+    SWITCHED_OFF, Field, Unsupported, check_key, check_value, did_you_mean, load_toml, parse_cli_value, raise_all,
+    toml_value,
 )
 from library.scripts import SCRIPTS, ScriptSchema
 
@@ -47,9 +48,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "mem_eff_attn": Unsupported("use sdpa = true (torch's fused attention, the default) or xformers = true."),
     "vae": Unsupported("a separate VAE file is not supported yet; the checkpoint's own VAE is used."),
     "masked_loss": Unsupported("masked loss is not implemented yet."),
-    "debiased_estimation_loss": Unsupported("not implemented yet; min_snr_gamma is available."),
-    "multires_noise_iterations": Unsupported("multi-resolution noise is not implemented yet; noise_offset is available."),
-    "ip_noise_gamma": Unsupported("input-perturbation noise is not implemented yet."),
     "full_fp16": Unsupported("pure-fp16 training is unstable; use mixed_precision = \"fp16\" or \"bf16\"."),
     "full_bf16": Unsupported("trainable weights stay fp32; mixed_precision = \"bf16\" keeps frozen weights in bf16."),
     "weighted_captions": Unsupported("prompt weighting is applied only when sampling, not in training captions."),
@@ -198,15 +196,12 @@ def load_job(script: str, argv: list[str] | None = None, config_path: str | None
     for key, value in file_values.items():
         where = f"{source}{_line_of(text, key)}"
         try:
-            if key in UNSUPPORTED:
-                if is_off(value):  # `v2 = false`, as GUIs and notebooks write: asks for nothing we lack
-                    continue
-                raise ConfigError(f"{where}: '{key}' is not supported by pentadactyl: {UNSUPPORTED[key].reason}")
-            if key not in fields:
-                raise ConfigError(f"{where}: unknown key '{key}'.{did_you_mean(key, fields)}")
-            values[key] = check_value(key, value, fields[key], where)
+            checked = check_key(key, value, fields, where, UNSUPPORTED)
         except ConfigError as exc:
             errors.append(str(exc))
+            continue
+        if checked is not SWITCHED_OFF:
+            values[key] = checked
     for key, value in cli.items():
         try:
             values[key] = check_value(key, value, fields[key], f"command line --{key}")

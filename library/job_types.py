@@ -23,6 +23,7 @@ class TrainingJob(JobBase, Protocol):
     """The keys all three training scripts share (what the loop reads)."""
 
     datasets: list[Any]
+    adaptive_noise_scale: float | None
     bucket_no_upscale: bool
     bucket_reso_steps: int
     cache_latents: bool
@@ -38,6 +39,7 @@ class TrainingJob(JobBase, Protocol):
     clip_skip: int
     color_aug: bool
     dataset_config: str | None
+    debiased_estimation_loss: bool
     debug_dataset: bool
     ema_decay: float | None
     enable_bucket: bool
@@ -45,6 +47,8 @@ class TrainingJob(JobBase, Protocol):
     gradient_accumulation_steps: int
     gradient_checkpointing: bool
     huber_c: float
+    ip_noise_gamma: float
+    ip_noise_gamma_random_strength: bool
     keep_tokens: int
     learning_rate: float
     log_prefix: str | None
@@ -67,6 +71,8 @@ class TrainingJob(JobBase, Protocol):
     min_snr_gamma: float | None
     min_timestep: int
     mixed_precision: str
+    multires_noise_discount: float
+    multires_noise_iterations: int
     no_dataset_metadata: bool
     no_metadata: bool
     noise_offset: float

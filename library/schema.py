@@ -121,6 +121,22 @@ def check_value(key: str, value: Any, spec: Field, where: str) -> Any:
     return value
 
 
+SWITCHED_OFF = object()  # check_key's answer for an unsupported key set to a value that switches it off
+
+
+def check_key(key: str, value: Any, fields: Mapping[str, Field], where: str,
+              unsupported: Mapping[str, Unsupported] | None = None) -> Any:
+    """One key of a table: its checked value, or SWITCHED_OFF for an unsupported key that asks for nothing
+    (`v2 = false`, as GUIs and notebooks write); a ConfigError for an unknown or unsupported key or a bad value."""
+    if unsupported and key in unsupported:
+        if is_off(value):
+            return SWITCHED_OFF
+        raise ConfigError(f"{where}: '{key}' is not supported by pentadactyl: {unsupported[key].reason}")
+    if key not in fields:
+        raise ConfigError(f"{where}: unknown key '{key}'.{did_you_mean(key, fields)}")
+    return check_value(key, value, fields[key], where)
+
+
 def validate_table(
     table: Mapping[str, Any],
     fields: Mapping[str, Field],
@@ -140,15 +156,12 @@ def validate_table(
         if key in ignore:
             continue
         try:
-            if unsupported and key in unsupported:
-                if is_off(value):
-                    continue
-                raise ConfigError(f"{where}: '{key}' is not supported by pentadactyl: {unsupported[key].reason}")
-            if key not in fields:
-                raise ConfigError(f"{where}: unknown key '{key}'.{did_you_mean(key, fields)}")
-            out[key] = check_value(key, value, fields[key], where)
+            checked = check_key(key, value, fields, where, unsupported)
         except ConfigError as exc:
             mine.append(str(exc))
+            continue
+        if checked is not SWITCHED_OFF:
+            out[key] = checked
     if errors is None:
         raise_all(mine)
     else:

@@ -150,7 +150,7 @@ def test_sd_scripts_spellings_are_accepted(tmp_path):
     """What kohya_ss's GUI and the Colab notebooks write: false-valued flags of features we lack, sizes and lists
     as text."""
     path = job_file(tmp_path, 'v2 = false\nv_parameterization = false\nfull_fp16 = false\nlowram = false\n'
-                              'scale_weight_norms = 0\nip_noise_gamma = 0\nvae = ""\nnetwork_args = "conv_dim=4"\n'
+                              'scale_weight_norms = 0\nsdxl = false\nvae = ""\nnetwork_args = "conv_dim=4"\n'
                               'resolution = "512,768"\n')
     job = load_job("train_network", config_path=str(path))
     assert job.network_args == ["conv_dim=4"] and job.datasets[0].resolution == (512, 768)

@@ -29,8 +29,26 @@ TRAINING_FIELDS: dict[str, Field] = {
     "lr_scheduler_power": Field("float", 1.0, "power of the polynomial schedule.", section="training"),
     "noise_offset": Field("float", 0.0, "per-channel noise offset (0.05–0.1 helps very dark/bright images).",
                           minimum=0, section="training"),
+    "adaptive_noise_scale": Field("float", None, "add this × abs(mean) of each latent channel to noise_offset (per "
+                                  "sample and channel, clamped at 0; may be negative); needs noise_offset. "
+                                  "Unset = off.", section="training"),
+    "multires_noise_iterations": Field("int", 0, "multi-resolution (pyramid) noise: add up to this many Gaussian "
+                                       "layers, layer i at 1/rⁱ of the latent size (r random in 2–4, upsampled) "
+                                       "and weighted multires_noise_discountⁱ (6–10 is typical); 0 = off.",
+                                       minimum=0, section="training"),
+    "multires_noise_discount": Field("float", 0.3, "weight factor of each further pyramid-noise layer (no effect "
+                                     "without multires_noise_iterations).", minimum=0, maximum=1,
+                                     section="training"),
+    "ip_noise_gamma": Field("float", 0.0, "input-perturbation noise: the U-Net's input gets this × extra Gaussian "
+                            "noise, its target stays the original noise (0.1 is typical); 0 = off.", minimum=0,
+                            section="training"),
+    "ip_noise_gamma_random_strength": Field("bool", False, "scale ip_noise_gamma by a random factor in [0, 1) per "
+                                            "sample.", section="training"),
     "min_snr_gamma": Field("float", None, "Min-SNR loss weighting γ (5 is typical); unset = off.", minimum=0,
                            section="training"),
+    "debiased_estimation_loss": Field("bool", False, "weight each sample's loss by 1/√SNR(t), SNR capped at 1000 "
+                                      "(debiased estimation); with min_snr_gamma both weights apply.",
+                                      section="training"),
     "min_timestep": Field("int", 0, "lowest timestep sampled.", minimum=0, maximum=999, section="training"),
     "max_timestep": Field("int", 1000, "highest timestep sampled (exclusive).", minimum=1, maximum=1000,
                           section="training"),

@@ -290,9 +290,16 @@ def batch_loss(run: Run, batch: dict, step: int, first_index: int, validation: b
         t = batch["timesteps"]
     else:
         t = torch.cat([nz.sample_timesteps(1, job.min_timestep, job.max_timestep, g) for g in gens])
-    noise = torch.cat([nz.sample_noise(latents[i:i + 1], g, job.noise_offset) for i, g in enumerate(gens)])
+    noise = torch.cat([nz.sample_noise(latents[i:i + 1], g, job.noise_offset, job.adaptive_noise_scale,
+                                       job.multires_noise_iterations, job.multires_noise_discount)
+                       for i, g in enumerate(gens)])
+    noise_in = noise  # makes the U-Net's input; input perturbation adds to it, the target stays `noise`
+    if job.ip_noise_gamma:
+        noise_in = noise + torch.cat([nz.input_perturbation(noise[i:i + 1], g, job.ip_noise_gamma,
+                                                            job.ip_noise_gamma_random_strength)
+                                      for i, g in enumerate(gens)])
     t = t.to(device)
-    noisy = nz.add_noise(latents, noise, t, run.alphas_cumprod)
+    noisy = nz.add_noise(latents, noise_in, t, run.alphas_cumprod)
     context = encode_captions(run, batch["captions"])
     with run.accelerator.autocast():
         pred = run.model.unet(noisy.to(run.weight_dtype), t,
@@ -301,6 +308,8 @@ def batch_loss(run: Run, batch: dict, step: int, first_index: int, validation: b
     weights = batch["loss_weights"].to(device, torch.float32)
     if job.min_snr_gamma:
         weights = weights * nz.min_snr_weights(t, run.alphas_cumprod, job.min_snr_gamma)
+    if job.debiased_estimation_loss:
+        weights = weights * nz.debiased_weights(t, run.alphas_cumprod)
     return (losses * weights).mean()
 
 

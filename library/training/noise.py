@@ -2,6 +2,12 @@
 
 SD1's DDPM schedule: betas = linspace(√0.00085, √0.012, 1000)², ᾱ_t = ∏(1 − β).
 z_t = √ᾱ_t · z_0 + √(1 − ᾱ_t) · ε, and the U-Net predicts ε.
+
+The noise options and loss weights follow sd-scripts (library/custom_train_functions.py: apply_noise_offset,
+pyramid_noise_like, apply_snr_weight, apply_debiased_estimation; train_util's noise and input perturbation).
+Every random draw comes from the one sample's generator, in a fixed order (timestep, noise, offset, pyramid
+layers, input perturbation), so a sample's noise depends only on (seed, step, sample index); sd-scripts
+draws some of them once per batch from a global generator instead (noted where it matters).
 """
 
 from __future__ import annotations
@@ -25,12 +31,55 @@ def sample_timesteps(batch: int, min_timestep: int, max_timestep: int, generator
     return torch.randint(min_timestep, max_timestep, (batch,), generator=generator, dtype=torch.long)
 
 
-def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0) -> torch.Tensor:
-    """Gaussian noise like `latents`; noise_offset adds a per-channel constant (helps very dark/bright images)."""
+def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0,
+                 adaptive_noise_scale: float | None = None, multires_iterations: int = 0,
+                 multires_discount: float = 0.3) -> torch.Tensor:
+    """Gaussian noise like `latents` (the U-Net's target): noise_offset adds a per-channel constant (helps very
+    dark/bright images), plus adaptive_noise_scale × |channel mean of the latents| when that is set;
+    multires_iterations then makes it pyramid noise. Without the options the draws, and so the noise, are the plain ones."""
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
     if noise_offset:
-        noise = noise + noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, generator=generator)
+        strength = offset_strength(latents, noise_offset, adaptive_noise_scale)
+        noise = noise + strength * torch.randn(latents.shape[0], latents.shape[1], 1, 1, generator=generator)
+    if multires_iterations:
+        noise = pyramid_noise(noise, generator, multires_iterations, multires_discount)
     return noise.to(latents.device, latents.dtype)
+
+
+def offset_strength(latents: torch.Tensor, noise_offset: float,
+                    adaptive_noise_scale: float | None) -> float | torch.Tensor:
+    """The noise offset's scale: noise_offset, or per channel max(0, noise_offset + adaptive_noise_scale ×
+    |mean over height and width of the latents|) (sd-scripts' apply_noise_offset) as [B, C, 1, 1]."""
+    if adaptive_noise_scale is None:
+        return noise_offset
+    channel_mean = latents.float().mean(dim=(2, 3), keepdim=True).abs().cpu()
+    return torch.clamp(noise_offset + adaptive_noise_scale * channel_mean, min=0.0)
+
+
+def pyramid_noise(noise: torch.Tensor, generator: torch.Generator, iterations: int, discount: float) -> torch.Tensor:
+    """Multi-resolution noise (sd-scripts' pyramid_noise_like): for i = 0 … iterations − 1 draw r ~ U[2, 4),
+    add Gaussian noise of size max(1, ⌊H / rⁱ⌋) × max(1, ⌊W / rⁱ⌋), upsampled bilinearly to H × W, times
+    discountⁱ (i = 0 adds a full-size layer); stop after the first 1-pixel side; divide by the std.
+    r and the std are per sample here (sd-scripts: one r per layer and the std of the whole batch)."""
+    b, c, h, w = noise.shape
+    for i in range(iterations):
+        r = 2 + 2 * torch.rand(1, generator=generator, dtype=torch.float32).item()
+        hn, wn = max(1, int(h / r ** i)), max(1, int(w / r ** i))
+        layer = torch.randn(b, c, hn, wn, generator=generator, dtype=torch.float32)
+        noise = noise + F.interpolate(layer, size=(h, w), mode="bilinear", align_corners=False) * discount ** i
+        if hn == 1 or wn == 1:
+            break
+    return noise / noise.std()
+
+
+def input_perturbation(like: torch.Tensor, generator: torch.Generator, gamma: float,
+                       random_strength: bool = False) -> torch.Tensor:
+    """Input-perturbation noise γ·ξ, ξ ~ N(0, I) like `like` (Ning et al., 2023): added to the noise that makes
+    the U-Net's input, not to its target. random_strength: γ·u with u ~ U[0, 1) per sample (sd-scripts draws
+    one u per batch)."""
+    strength = gamma * torch.rand(1, generator=generator, dtype=torch.float32).item() if random_strength else gamma
+    xi = torch.randn(like.shape, generator=generator, dtype=torch.float32)
+    return (strength * xi).to(like.device, like.dtype)
 
 
 def add_noise(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
@@ -44,6 +93,14 @@ def min_snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma
     a = alphas_cumprod.to(timesteps.device)[timesteps].float()
     snr = a / (1 - a)
     return torch.clamp(snr, max=gamma) / snr
+
+
+def debiased_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Debiased-estimation loss weights for ε-prediction: 1 / √SNR, SNR capped at 1000 (it is ~1175 at t = 0)
+    (Yu et al., 2023; sd-scripts' apply_debiased_estimation). With min_snr_gamma both weights apply."""
+    a = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = torch.clamp(a / (1 - a), max=1000.0)
+    return 1 / torch.sqrt(snr)
 
 
 def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "l2", huber_c: float = 0.1) -> torch.Tensor:

@@ -21,7 +21,16 @@ LORA_ONLY_KEYS = tuple(k for k in NETWORK_FIELDS if k.startswith("network_"))
 log = logging.getLogger("pentadactyl")
 
 
+def noise_rules(values: Mapping[str, Any], source: str) -> None:
+    """The noise keys of every training script: adaptive_noise_scale scales noise_offset (sd-scripts refuses it
+    alone)."""
+    if values["adaptive_noise_scale"] and not values["noise_offset"]:
+        raise ConfigError(f"{source}: adaptive_noise_scale = {values['adaptive_noise_scale']} adds to noise_offset, "
+                          "which is 0; set noise_offset (e.g. 0.05) too, or remove adaptive_noise_scale.")
+
+
 def textual_inversion_rules(values: Mapping[str, Any], given: frozenset[str], datasets: list, source: str) -> list:
+    noise_rules(values, source)
     if values["use_object_template"] and values["use_style_template"]:
         raise ConfigError(f"{source}: use_object_template and use_style_template exclude each other; set one of them.")
     contrast_keys = [k for k in ("contrastive_margin", "contrastive_weight") if k in given]
@@ -34,6 +43,7 @@ def textual_inversion_rules(values: Mapping[str, Any], given: frozenset[str], da
 def network_rules(values: Mapping[str, Any], given: frozenset[str], datasets: list, source: str) -> list:
     """The LoRA keys between themselves: network_args well-formed, networks.locon with its convolution rank,
     at most one of the two "train only" switches."""
+    noise_rules(values, source)
     args = parse_key_values(values["network_args"], f"{source}: network_args")
     if values["network_module"] == "networks.locon" and "conv_dim" not in args:
         raise ConfigError(f"{source}: network_module = \"networks.locon\" adapts the convolution layers too, but "
@@ -73,6 +83,7 @@ def create_class_folder_for_folder_mode(values: Mapping[str, Any]) -> None:
 def dreambooth_rules(values: Mapping[str, Any], given: frozenset[str], datasets: list, source: str) -> list:
     """Full mode takes no LoRA keys; generated class images need a reg subset and a prompt. Class images
     without a caption file are captioned with class_prompt (a reg subset's own class_tokens win)."""
+    noise_rules(values, source)
     if values["dreambooth_mode"] == "full":
         lora_keys = sorted(k for k in LORA_ONLY_KEYS if k in given)
         if lora_keys:
