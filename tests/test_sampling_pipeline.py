@@ -175,8 +175,8 @@ def test_sample_job_sweep_with_embedding_and_grid(tiny_single_file, lora_file, t
     prompt, negative, fields = parse_parameters(first_at_one.parameters)
     assert prompt.endswith("<lora:myhands:1>") and negative == "NegTwo" and "TI hashes" in fields
     assert "<lora:" not in parse_parameters(first_at_zero.parameters)[0]
-    with Image.open(result.grid_path) as grid:
-        assert grid.width > 2 * 64 and grid.height > 4 * 64
+    with Image.open(result.grid_path) as grid:  # a panel per multiplier, prompts down and seeds across in each
+        assert grid.width > 2 * 2 * 64 and 2 * 64 < grid.height < 3 * 64 + 80
     assert "wrote 8 image(s)" in report(result)
 
 

@@ -306,3 +306,32 @@ def test_shipped_sample_jobs_validate(name):
     job = load_job("sample", ["--config", str(path)])
     specs = specs_from_job(job)
     assert specs and all(s.sampler for s in specs) and job.sweep_multipliers
+
+
+def test_panel_grid_puts_panels_side_by_side_under_their_titles():
+    from library.sampling.grid import panel_grid
+
+    red, blue = Image.new("RGB", (64, 48), "red"), Image.new("RGB", (64, 48), "blue")
+    cells = [[red, blue], [blue, red]]
+    alone = image_grid(cells, ["prompt a", "prompt b"], ["seed 1", "seed 2"])
+    second = image_grid(cells, (), ["seed 1", "seed 2"])
+    panels = panel_grid([("lora × 0", cells), ("lora × 1", cells)], ["prompt a", "prompt b"], ["seed 1", "seed 2"])
+    title_h = panels.height - alone.height
+    gap = panels.width - alone.width - second.width
+    assert title_h > 0 and gap > 0 and second.width == 2 * 64  # row labels only left of the first panel
+    assert panels.crop((0, title_h, alone.width, panels.height)).tobytes() == alone.tobytes()
+    x = alone.width + gap
+    assert panels.crop((x, title_h, x + second.width, panels.height)).tobytes() == second.tobytes()
+
+
+def test_seed_minus_one_draws_a_random_seed_once_per_run():
+    from library.sampling.prompts import PromptSpec
+    from library.sampling.run import random_seeds
+
+    specs = [PromptSpec("a"), PromptSpec("b", seed=-1), PromptSpec("c", seed=5)]
+    drawn, seed, seeds = random_seeds(specs, -1, None)
+    assert 0 <= seed < 2 ** 32 and seeds is None
+    assert drawn[0].seed is None and 0 <= drawn[1].seed < 2 ** 32 and drawn[2].seed == 5
+    _, seed, seeds = random_seeds(specs[:1], 7, [3, -1])
+    assert seed == 7 and seeds[0] == 3 and 0 <= seeds[1] < 2 ** 32
+    assert len({random_seeds(specs[:1], -1, None)[1] for _ in range(5)}) > 1

@@ -46,5 +46,6 @@ SAMPLE_FIELDS: dict[str, Field] = {
     "vae_dtype": Field("str", "fp32", "VAE decoding precision (fp16 can give NaN/black images).",
                        choices=("fp32", "fp16", "bf16"), section=S),
     "device": Field("str", "auto", "auto (CUDA when available), cpu, cuda, cuda:1, …", section=S),
-    "grid": Field("bool", True, "also write a labelled grid (prompts × seeds, or × multipliers).", section=S),
+    "grid": Field("bool", True, "also write a labelled grid (prompts down × seeds across; with a sweep, one "
+                  "panel per multiplier).", section=S),
 }

@@ -91,3 +91,31 @@ def image_grid(cells: Sequence[Sequence[Image.Image | None]], row_labels: Sequen
                 grid.paste(image.convert("RGB").resize((cell_w, cell_h)) if image.size != (cell_w, cell_h)
                            else image.convert("RGB"), (label_w + c * cell_w, label_h + r * cell_h))
     return grid
+
+
+def panel_grid(panels: Sequence[tuple[str, Sequence[Sequence[Image.Image | None]]]], row_labels: Sequence[str] = (),
+               col_labels: Sequence[str] = (), font_size: int | None = None) -> Image.Image:
+    """Panels side by side, each a grid of the same rows and columns under its own title (e.g. one panel
+    per LoRA multiplier, seeds across and prompts down); the row labels stand once, left of the first."""
+    if not panels:
+        raise ValueError("panel_grid needs at least one panel")
+    grids = [image_grid(cells, row_labels if i == 0 else (), col_labels, font_size)
+             for i, (_, cells) in enumerate(panels)]
+    first = next(im for _, cells in panels for row in cells for im in row if im is not None)
+    size = font_size or max(12, min(32, first.width // 8))
+    font = _font(size)
+    pad = max(3, size // 3)
+    title_h = int(size * 1.25) + 2 * pad
+    gap = max(8, first.width // 8)
+    width = sum(g.width for g in grids) + gap * (len(grids) - 1)
+    out = Image.new("RGB", (width, title_h + max(g.height for g in grids)), BACKGROUND)
+    draw = ImageDraw.Draw(out)
+    x = 0
+    for (title, _), grid, index in zip(panels, grids, range(len(grids))):
+        left = grid.width - len(panels[index][1][0]) * first.width if panels[index][1] else 0  # its label column
+        line = _fit(title, font, grid.width - left - 2 * pad)
+        draw.text((x + left + (grid.width - left - _text_width(font, line)) / 2, pad), line, fill=TEXT_COLOR,
+                  font=font)
+        out.paste(grid, (x, title_h))
+        x += grid.width + gap
+    return out

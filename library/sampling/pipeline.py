@@ -332,10 +332,11 @@ def write_grid(rows, row_labels, col_labels, path: Path, parameters: str | None 
     return save_png_atomic(image_grid(rows, row_labels, col_labels), path, parameters)
 
 
-def sweep_grid(runs: Sequence[SampleRun], column_labels: Sequence[str]):
-    """Rows: each (prompt, seed) image; columns: the runs (one per multiplier), same image order in each."""
-    rows, labels = [], []
-    for index, first in enumerate(runs[0].images):
-        rows.append([run.images[index].image for run in runs])
-        labels.append(f"{first.spec.prompt} (seed {first.seed})")
-    return rows, labels, list(column_labels)
+def sweep_grid(runs: Sequence[SampleRun], titles: Sequence[str], per_prompt: Sequence[Sequence[int]]):
+    """One panel per run (per multiplier), each with prompts down and seeds across, as A1111's X/Y/Z plot
+    lays them out: (panels, row labels, column labels) for grid.panel_grid."""
+    panels = []
+    for run, title in zip(runs, titles):
+        rows, row_labels, col_labels = prompt_seed_grid(run.images, per_prompt)
+        panels.append((title, rows))
+    return panels, row_labels, col_labels

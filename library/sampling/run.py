@@ -16,7 +16,7 @@ from library.sampling.job import resolve_device, resolve_dtype, specs_from_job, 
 from library.sampling.networks import (
     attach_networks, choose_network_modes, find_network, load_sampling_networks,
 )
-from library.sampling.pipeline import SampleRun, Sampler, join_name, sweep_grid, write_grid
+from library.sampling.pipeline import SampleRun, Sampler, image_seeds, join_name, sweep_grid
 
 log = logging.getLogger("pentadactyl")
 
@@ -36,6 +36,23 @@ def model_display_name(path: str) -> str:
     """What WebUI shows as "Model": the checkpoint's base name (a diffusers folder's name)."""
     p = Path(path)
     return p.stem if p.is_file() else p.name
+
+
+def random_seeds(specs, seed: int, seeds):
+    """WebUI's seed = -1 (and --d -1 in a prompt line, -1 in `seeds`): a random seed, drawn once per run and
+    written into every PNG like any other, so each image can be made again."""
+    import secrets
+    from dataclasses import replace
+
+    def draw(where: str) -> int:
+        value = secrets.randbelow(2 ** 32)
+        log.info(f"{where} = -1: using the random seed {value}")
+        return value
+
+    seed = draw("seed") if seed == -1 else seed
+    seeds = [draw("seeds") if s == -1 else s for s in seeds] if seeds else seeds
+    specs = [replace(s, seed=draw(s.source or "--d")) if s.seed == -1 else s for s in specs]
+    return specs, seed, seeds
 
 
 def job_sampler(model, job, *, device, sampler: str, max_token_length: int | None = None, **options) -> Sampler:
@@ -81,8 +98,8 @@ def run_sample_job(job: SampleJob, progress: bool = True) -> SampleJobResult:
         model_hash=model_short_hash(job.pretrained_model_name_or_path, progress=progress),
         networks=[n.label() for n in loaded], embedding_tokens=token_map, embedding_hashes=ti_hashes,
         progress=progress)
-    options = dict(images_per_prompt=job.images_per_prompt, seed=job.seed, seeds=job.seeds,
-                   batch_size=job.batch_size)
+    specs, seed, seeds = random_seeds(specs, job.seed, job.seeds)
+    options = dict(images_per_prompt=job.images_per_prompt, seed=seed, seeds=seeds, batch_size=job.batch_size)
     out_dir = Path(job.output_dir)
     result = SampleJobResult()
     began = time.perf_counter()
@@ -97,11 +114,15 @@ def run_sample_job(job: SampleJob, progress: bool = True) -> SampleJobResult:
             prefix = join_name(job.output_name, swept.name, format_number(multiplier))
             result.runs.append(sampler.sample(specs, out_dir, prefix, grid=False, **options))
         if job.grid:
-            labels = [f"{swept.name}: {format_number(m)}" for m in job.sweep_multipliers]
-            rows, row_labels, col_labels = sweep_grid(result.runs, labels)
-            result.grid_path = write_grid(rows, row_labels, col_labels,
-                                          out_dir / join_name(job.output_name, swept.name, "sweep_grid.png"),
-                                          result.runs[0].images[0].parameters)
+            from library.sampling.grid import panel_grid
+            from library.sampling.infotext import save_png_atomic
+
+            titles = [f"{swept.name} × {format_number(m)}" for m in job.sweep_multipliers]
+            per_prompt = [image_seeds(s.seed, options["seed"], job.images_per_prompt, job.seeds) for s in specs]
+            panels, row_labels, col_labels = sweep_grid(result.runs, titles, per_prompt)
+            result.grid_path = save_png_atomic(panel_grid(panels, row_labels, col_labels),
+                                               out_dir / join_name(job.output_name, swept.name, "sweep_grid.png"),
+                                               result.runs[0].images[0].parameters)
     images = result.images
     result.seconds_per_image = (time.perf_counter() - began) / max(1, len(images))
     return result
