@@ -170,6 +170,7 @@ class SampleJob(JobBase, Protocol):
     grid: bool
     height: int
     images_per_prompt: int
+    lora_dir: str | None
     max_token_length: int | None
     negative_prompt: str
     network_mode: str

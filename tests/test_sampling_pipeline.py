@@ -242,3 +242,50 @@ def test_training_sampler_with_a_patched_network(tiny, tiny_single_file, lora_fi
     bad.write_text("x --ss nope\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="bad.txt line 1: unknown sampler 'nope'"):
         make_training_sampler(job.replace(sample_prompts=str(bad)), tiny, "cpu")
+
+
+@pytest.mark.slow
+def test_lora_tags_in_prompts_apply_per_prompt_from_lora_dir(tiny_single_file, lora_file, tmp_path):
+    """WebUI's `<lora:name:m>`: each prompt's own LoRAs at its multipliers, looked up in lora_dir; the PNGs
+    carry the tags as WebUI writes them, and an image equals the one the same LoRA listed in `networks` makes."""
+    from library.config import load_job
+    from library.sampling.run import run_sample_job
+
+    common = dict(sampler="ddim", steps=2, width=64, height=64, seeds=[1], network_mode="patch")
+    job = load_job("sample", ["--config", write_job(
+        tmp_path, tiny_single_file, prompts=["a photo of a hand", "a photo of a hand <lora:myhands:0.8>",
+                                             "<lora:myhands>, a fist"],
+        lora_dir=str(lora_file.parent), output_name="tags", **common)])
+    result = run_sample_job(job, progress=False)
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["tags_000_1.png", "tags_001_1.png", "tags_002_1.png", "tags_grid.png"]
+    prompts = [parse_parameters(image.parameters)[0] for image in result.images]
+    assert prompts == ["a photo of a hand", "a photo of a hand <lora:myhands:0.8>", "a fist <lora:myhands:1>"]
+    assert "Lora hashes" in parse_parameters(result.images[1].parameters)[2]
+    plain, tagged = result.images[0].latents, result.images[1].latents
+    listed = run_sample_job(load_job("sample", ["--config", write_job(
+        tmp_path / "listed", tiny_single_file, prompt="a photo of a hand", networks=[f"{lora_file}:0.8"],
+        output_name="listed", **common)]), progress=False).images[0].latents
+    assert not torch.equal(plain, tagged)
+    assert torch.allclose(tagged, listed, atol=1e-5 * float(listed.abs().max()))
+
+
+def test_lora_tag_mistakes_are_named(tiny_single_file, lora_file, tmp_path):
+    from library.config import load_job
+    from library.sampling.run import run_sample_job
+
+    def error(**keys) -> str:
+        job = load_job("sample", ["--config", write_job(tmp_path, tiny_single_file, steps=1, width=64, height=64,
+                                                         **keys)])
+        with pytest.raises(ConfigError) as caught:
+            run_sample_job(job, progress=False)
+        return str(caught.value)
+
+    assert "<lora:myhands:…> needs lora_dir = \"folder\"" in error(prompt="a hand <lora:myhands:0.5>")
+    message = error(prompt="a hand <lora:other:0.5>", lora_dir=str(lora_file.parent))
+    assert "no other.safetensors in" in message and "(there: myhands)" in message
+    assert "cannot go together" in error(prompt="a hand <lora:myhands>", lora_dir=str(lora_file.parent),
+                                         networks=[str(lora_file)], sweep_multipliers=[0, 1])
+    assert "in the negative prompt: WebUI applies LoRA tags only from the prompt" in error(
+        prompt="a hand", negative_prompt="<lora:myhands:1>")
+    assert "<lyco:x:1>' in a prompt is not read" in error(prompt="a hand <lyco:x:1>")

@@ -65,8 +65,10 @@ def test_txt_errors_name_the_line(tmp_path):
     path.write_text("hand --s many\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="--s.*not an integer"):
         parse_prompt_file(path)
-    path.write_text("a <lora:style:0.8> hand\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match="networks ="):
+    path.write_text("a <lora:style:0.8> hand\n", encoding="utf-8")  # WebUI's tag: taken out, kept with the prompt
+    assert [(s.prompt, s.loras) for s in parse_prompt_file(path)] == [("a hand", (("style", 0.8),))]
+    path.write_text("a <hypernet:style:0.8> hand\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="line 1: '<hypernet:style:0.8>' in a prompt is not read .* networks ="):
         parse_prompt_file(path)
     with pytest.raises(ConfigError, match="prompt file not found"):
         parse_prompt_file(tmp_path / "missing.txt")
@@ -335,3 +337,15 @@ def test_seed_minus_one_draws_a_random_seed_once_per_run():
     _, seed, seeds = random_seeds(specs[:1], 7, [3, -1])
     assert seed == 7 and seeds[0] == 3 and 0 <= seeds[1] < 2 ** 32
     assert len({random_seeds(specs[:1], -1, None)[1] for _ in range(5)}) > 1
+
+
+def test_lora_tags_in_training_sample_prompts_are_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from library.sampling.training import make_training_sampler
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a hand\na hand <lora:other:0.5>\n", encoding="utf-8")
+    job = SimpleNamespace(sample_prompts=str(prompts), sample_sampler="ddim", output_name="x", datasets=None)
+    with pytest.raises(ConfigError, match=r"prompts.txt line 2: <lora:other:…> in a prompt applies in sample.py only"):
+        make_training_sampler(job, None, "cpu", size=(64, 64))

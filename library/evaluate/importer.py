@@ -28,35 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from library.errors import ConfigError
+from library.lora_tags import LORA_TAG, split_lora_tags  # noqa: F401 (part of this module's surface)
 
-# `<lora:name:multiplier>` as WebUI writes it; `<lora:name>` means 1; a third part (U-Net multiplier) is
-# WebUI's extension of the syntax and is kept out of the prompt too (only the first multiplier is stored).
-LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
 # what library/sampling/training.py names its files: <output_name>_e<epoch:06d>_s<step:06d>_<n>_<seed>.png
 TRAINING_SAMPLE_NAME = re.compile(r"_e(\d{6,})_s(\d{6,})_\d+_-?\d+$")
 GRID_NAME = re.compile(r"(^grid-\d*|_grid)$")
 _HASH_BLOCK = 1 << 20
 COMMIT_EVERY = 200
-
-
-def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
-    """'a hand <lora:hands:0.75>' → ('a hand', [('hands', 0.75)]). Whitespace the tags leave is tidied."""
-    loras: list[tuple[str, float]] = []
-
-    def take(match: re.Match) -> str:
-        name, multiplier = match.group(1).strip(), (match.group(2) or "").strip()
-        try:
-            loras.append((name, float(multiplier) if multiplier else 1.0))
-        except ValueError:
-            return match.group(0)  # not a tag WebUI would apply: leave it in the prompt
-        return " "
-
-    text = LORA_TAG.sub(take, prompt)
-    text = re.sub(r"[ \t]+", " ", text)
-    text = re.sub(r" +([,.;])", r"\1", text)
-    text = re.sub(r",(\s*,)+", ",", text)  # a tag alone between two commas
-    text = re.sub(r"^[\s,]+|[\s,]+$", "", text)
-    return text, loras
 
 
 def training_step_from_name(path: Path) -> int | None:

@@ -34,6 +34,8 @@ SAMPLE_FIELDS: dict[str, Field] = {
                         minimum=1, section=S),
     "networks": Field("list[str]", None, "LoRA/LoCon files with multipliers: [\"style.safetensors:0.75\"].",
                       section=S),
+    "lora_dir": Field("path", None, "folder of LoRA files for <lora:name:multiplier> in prompts (name = a file's "
+                      "base name, as in WebUI's models/Lora).", section=S),
     "network_mode": Field("str", "auto", "merge (fast; multipliers fixed), patch, or auto (merge all but a "
                           "swept network).", choices=("auto", "merge", "patch"), section=S),
     "sweep_multipliers": Field("list[float]", None, "render everything at each multiplier of one network, "

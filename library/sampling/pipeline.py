@@ -278,7 +278,7 @@ class Sampler:
 
     def sample(self, specs: Sequence[PromptSpec], out_dir: str | Path | None, name_prefix: str = "", *,
                images_per_prompt: int = 1, seed: int = 42, seeds: Sequence[int] | None = None,
-               batch_size: int = 1, grid: bool = False) -> SampleRun:
+               batch_size: int = 1, grid: bool = False, first_index: int = 0) -> SampleRun:
         """Generate every prompt's images; with `out_dir`, write PNGs (and a grid) atomically.
 
         Files: `<prefix>_<nnn>_<seed>.png` in prompt order, `<prefix>_grid.png` (rows: prompts, columns:
@@ -293,7 +293,7 @@ class Sampler:
             for spec, spec_seeds in zip(specs, per_prompt):
                 run.images.extend(self.generate(spec, spec_seeds, batch_size, bar))
         if out_dir is not None:
-            write_images(run, Path(out_dir), name_prefix)
+            write_images(run, Path(out_dir), name_prefix, first_index)
             if grid and len(run.images) > 1:
                 rows, row_labels, col_labels = prompt_seed_grid(run.images, per_prompt)
                 run.grid_path = write_grid(rows, row_labels, col_labels, Path(out_dir) / join_name(name_prefix, "grid.png"),
@@ -308,8 +308,8 @@ def join_name(*parts: str) -> str:
     return "_".join(p for p in parts if p)
 
 
-def write_images(run: SampleRun, out_dir: Path, name_prefix: str) -> None:
-    for index, generated in enumerate(run.images):
+def write_images(run: SampleRun, out_dir: Path, name_prefix: str, first_index: int = 0) -> None:
+    for index, generated in enumerate(run.images, first_index):
         path = out_dir / join_name(name_prefix, f"{index:03d}", f"{generated.seed}.png")
         generated.path = save_png_atomic(generated.image, path, generated.parameters)
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from library.errors import ConfigError
+from library.lora_tags import split_lora_tags
 from library.sampling.schedulers import resolve_sampler
 from library.schema import did_you_mean, load_toml
 
@@ -51,6 +52,7 @@ class PromptSpec:
     cfg_scale: float = DEFAULT_CFG_SCALE
     seed: int | None = None
     sampler: str | None = None  # canonical sampler name; None: the run's sampler
+    loras: tuple[tuple[str, float], ...] = ()  # the prompt's own `<lora:name:m>` tags (taken out of `prompt`)
     source: str = field(default="", compare=False)  # "prompts.txt line 3", for messages
 
 
@@ -96,12 +98,18 @@ def validate_spec(spec: PromptSpec) -> PromptSpec:
         raise ConfigError(f"{where}: steps {spec.steps} must be between 1 and 1000.")
     if spec.cfg_scale < 0:
         raise ConfigError(f"{where}: CFG scale {spec.cfg_scale} must not be negative.")
-    for text in (spec.prompt, spec.negative_prompt):
-        tag = _EXTRA_NETWORK_TAG.search(text)
-        if tag:
-            raise ConfigError(f"{where}: '{tag.group(0)}' in a prompt is A1111 syntax that pentadactyl does not "
-                              "read; list LoRA files in the job instead: networks = [\"file.safetensors:0.75\"].")
+    tag = _EXTRA_NETWORK_TAG.search(spec.negative_prompt)
+    if tag:
+        raise ConfigError(f"{where}: '{tag.group(0)}' in the negative prompt: WebUI applies LoRA tags only from the "
+                          "prompt; move it there.")
+    prompt, loras = split_lora_tags(spec.prompt)
+    tag = _EXTRA_NETWORK_TAG.search(prompt)
+    if tag:
+        raise ConfigError(f"{where}: '{tag.group(0)}' in a prompt is not read (only <lora:name:multiplier> is); list "
+                          "the file in the job instead: networks = [\"file.safetensors:0.75\"].")
     sampler = resolve_sampler(spec.sampler, where).name if spec.sampler else None
+    if loras:
+        return replace(spec, prompt=prompt, loras=spec.loras + tuple(loras), sampler=sampler)
     return replace(spec, sampler=sampler)
 
 

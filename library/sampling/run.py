@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from library.errors import ConfigError
 from library.job_types import SampleJob
 from library.sampling.infotext import embedding_short_hash, format_number, model_short_hash
 from library.sampling.job import resolve_device, resolve_dtype, specs_from_job, DTYPES
@@ -36,6 +37,63 @@ def model_display_name(path: str) -> str:
     """What WebUI shows as "Model": the checkpoint's base name (a diffusers folder's name)."""
     p = Path(path)
     return p.stem if p.is_file() else p.name
+
+
+def prompt_lora_files(specs, job) -> list[Path]:
+    """The files of every `<lora:name:m>` in the prompts: `lora_dir/name.safetensors`, as WebUI looks them up
+    in models/Lora. Errors name the prompt and what to set."""
+    names: dict[str, str] = {}
+    for spec in specs:
+        for name, _ in spec.loras:
+            names.setdefault(name, spec.source or "prompt")
+    if not names:
+        return []
+    name, where = next(iter(names.items()))
+    if job.sweep_multipliers:
+        raise ConfigError(f"{where}: <lora:{name}:…> in a prompt and sweep_multipliers cannot go together (each "
+                          "sets the multipliers); sweep a network from 'networks', or write the multipliers into "
+                          "the prompts")
+    if not job.lora_dir:
+        raise ConfigError(f"{where}: <lora:{name}:…> needs lora_dir = \"folder\", the folder holding "
+                          f"{name}.safetensors (WebUI's models/Lora)")
+    folder = Path(job.lora_dir)
+    if not folder.is_dir():
+        raise ConfigError(f"lora_dir = \"{folder}\": no such folder")
+    files = []
+    for name, where in names.items():
+        path = folder / f"{name}.safetensors"
+        if not path.is_file():
+            known = sorted(p.stem for p in folder.glob("*.safetensors"))
+            raise ConfigError(f"{where}: <lora:{name}:…>: no {path.name} in {folder} (there: "
+                              f"{', '.join(known) or 'no .safetensors files'})")
+        files.append(path)
+    return files
+
+
+def sample_with_prompt_loras(sampler, specs, loaded, tagged, out_dir: Path, job, options, result) -> None:
+    """Each run of consecutive prompts with the same `<lora:…>` tags at their multipliers (the other tagged
+    files at 0), numbered on from the last, and one grid of them all."""
+    from itertools import groupby
+
+    from library.sampling.pipeline import prompt_seed_grid, write_grid
+
+    count = 0
+    for loras, group in groupby(specs, key=lambda s: s.loras):
+        wanted = dict(loras)
+        for network in tagged:
+            network.set_multiplier(wanted.get(network.name, 0.0))
+        sampler.networks = [n.label() for n in loaded]
+        run = sampler.sample(list(group), out_dir, job.output_name, grid=False, first_index=count, **options)
+        result.runs.append(run)
+        count += len(run.images)
+    if job.grid and count > 1:
+        per_prompt = [image_seeds(s.seed, options["seed"], job.images_per_prompt, job.seeds) for s in specs]
+        images = result.images
+        rows, row_labels, col_labels = prompt_seed_grid(images, per_prompt)
+        row_labels = [f"{label} {' '.join(f'<lora:{n}:{format_number(m)}>' for n, m in s.loras)}".strip()
+                      for label, s in zip(row_labels, specs)]
+        result.grid_path = write_grid(rows, row_labels, col_labels, out_dir / join_name(job.output_name, "grid.png"),
+                                      images[0].parameters)
 
 
 def random_seeds(specs, seed: int, seeds):
@@ -75,6 +133,8 @@ def run_sample_job(job: SampleJob, progress: bool = True) -> SampleJobResult:
     loaded = load_sampling_networks(job.networks or [])
     sweep_index = find_network(loaded, job.sweep_network) if job.sweep_multipliers else None
     modes = choose_network_modes(len(loaded), sweep_index, job.network_mode)
+    tagged = load_sampling_networks([f"{path}:0" for path in prompt_lora_files(specs, job)])
+    loaded, modes = loaded + tagged, modes + ["patch"] * len(tagged)  # patched: each prompt sets its multipliers
 
     log.info(f"loading {job.pretrained_model_name_or_path}")
     model = load_sd1(job.pretrained_model_name_or_path, dtype)
@@ -103,7 +163,9 @@ def run_sample_job(job: SampleJob, progress: bool = True) -> SampleJobResult:
     out_dir = Path(job.output_dir)
     result = SampleJobResult()
     began = time.perf_counter()
-    if sweep_index is None:
+    if tagged:
+        sample_with_prompt_loras(sampler, specs, loaded, tagged, out_dir, job, options, result)
+    elif sweep_index is None:
         result.runs.append(sampler.sample(specs, out_dir, job.output_name, grid=job.grid, **options))
         result.grid_path = result.runs[0].grid_path
     else:

@@ -39,6 +39,12 @@ def make_training_sampler(job, model, device: torch.device | str, eval_modules: 
     `embedding_tokens`: {name: [tokens]} of an embedding being trained, expanded in the prompts."""
     width, height = size or training_sample_size(job)
     specs = training_sample_specs(job.sample_prompts, width=width, height=height, sampler=job.sample_sampler)
+    tagged = next((s for s in specs if s.loras), None)
+    if tagged is not None:
+        from library.errors import ConfigError
+
+        raise ConfigError(f"{tagged.source}: <lora:{tagged.loras[0][0]}:…> in a prompt applies in sample.py only; "
+                          "samples during training show the network being trained. Remove the tag.")
     # a LoRA being trained is named in the PNGs as <lora:output_name:1>, as WebUI would load the file
     networks = [NetworkLabel(job.output_name, 1.0)] if trains_network else []
     sampler = job_sampler(model, job, device=device, sampler=job.sample_sampler, networks=networks,
