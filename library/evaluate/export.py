@@ -143,12 +143,17 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
                              "1 (the good ones, for the contrastive mode) or 0.5")
     parser.add_argument("--out", required=True, help="the folder to write (replaced only when it is an earlier "
                                                      "export)")
+    add_selection_arguments(parser)
+
+
+def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
+    """--source, --rater and --run: which ratings and images count (export, and prepare_dataset.py from-ratings)."""
     parser.add_argument("--source", choices=("human", COUNTER, "all"), default="human",
                         help="whose ratings count: human raters (default), the finger counter, or all")
     parser.add_argument("--rater", action="append", default=[], metavar="NAME",
                         help="count only this rater's ratings (repeat for several)")
     parser.add_argument("--run", action="append", default=[], metavar="NAME",
-                        help="export only images of this run (repeat for several)")
+                        help="only images of this run (repeat for several)")
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -20,7 +20,9 @@ import argparse
 from pathlib import Path
 
 from library.errors import ConfigError
-from library.evaluate.export import COUNTER, SCORES, check_sources_present, export_stem, select_exportable
+from library.evaluate.export import (
+    SCORES, add_selection_arguments, check_sources_present, export_stem, select_exportable,
+)
 from library.prepare.output import (
     Dropped,
     Item,
@@ -70,12 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_output_arguments(parser, "the training folder to write, e.g. data/bad_hands_captioned")
     parser.add_argument("--caption", default=None,
                         help="the caption of every image (default: each image's prompt from the database)")
-    parser.add_argument("--source", choices=("human", COUNTER, "all"), default="human",
-                        help="whose ratings count: human raters (default), the finger counter, or all")
-    parser.add_argument("--rater", action="append", default=[], metavar="NAME",
-                        help="count only this rater's ratings (repeat for several)")
-    parser.add_argument("--run", action="append", default=[], metavar="NAME",
-                        help="only images of this run (repeat for several)")
+    add_selection_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -181,8 +181,6 @@ def run_name(row: Row, point: Point) -> str:
 
 def sample_keys(study: Study, row: Row, point: Point, seeds: tuple[int, ...], folder: Path,
                 marker: dict | None) -> dict[str, Any]:
-    from library.fileio import atomic_path
-
     keys: dict[str, Any] = {**study.sample, "pretrained_model_name_or_path": str(study.model),
                             "output_dir": str(folder), "output_name": row.name, "seeds": list(seeds), "grid": False}
     keys["prompts"] = [row.prompt_template.replace("{prompt}", p) for p in study.prompts]
@@ -195,11 +193,18 @@ def sample_keys(study: Study, row: Row, point: Point, seeds: tuple[int, ...], fo
     elif point.kind == "embedding":
         # the prompt's token is the file's name: every checkpoint is staged under the final file's name
         assert point.path is not None and marker is not None
-        staged = folder.parent / ".embeddings" / point.name / f"{marker['output_name']}{point.path.suffix}"
-        with atomic_path(staged) as tmp:
-            shutil.copyfile(point.path, tmp)
-        keys["embeddings"] = [str(staged)]
+        keys["embeddings"] = [str(folder.parent / ".embeddings" / point.name /
+                                  f"{marker['output_name']}{point.path.suffix}")]
     return keys
+
+
+def stage_embedding(point: Point, keys: dict[str, Any]) -> None:
+    """Copy the checkpoint's embedding to the name its token needs (only when the point is sampled)."""
+    from library.fileio import atomic_path
+
+    if point.kind == "embedding":
+        with atomic_path(keys["embeddings"][0]) as tmp:
+            shutil.copyfile(point.path, tmp)
 
 
 def sample_point(study: Study, row: Row, point: Point, seeds: tuple[int, ...], out: Path, seed_set: str,
@@ -219,6 +224,7 @@ def sample_point(study: Study, row: Row, point: Point, seeds: tuple[int, ...], o
     if done is not None or any(folder.glob("*.png")):
         raise ConfigError(f"{folder} holds images of other weights or sample settings than the study file now "
                           f"gives; put the study file back, or sample the row again: {_reset_hint(row, study)}")
+    stage_embedding(point, keys)
     job_path = out / "jobs" / f"sample_{seed_set}_{row.name}_{point.name}.toml"
     write_text_atomic(job_path, job_toml(keys, comment=f"Images of row '{row.name}' at {point.name} "
                                                        f"({seed_set} seeds). Written by study.py."))
