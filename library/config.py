@@ -43,7 +43,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "wandb_api_key": Unsupported("only TensorBoard logging is built in (log_with = \"tensorboard\")."),
     "huggingface_repo_id": Unsupported("uploading to a hub is not supported; the toolkit works offline."),
     "huggingface_token": Unsupported("uploading to a hub is not supported; the toolkit works offline."),
-    "scale_weight_norms": Unsupported("max-norm regularisation of LoRA weights is not implemented yet."),
     "dim_from_weights": Unsupported("give network_dim explicitly; network_weights must match it."),
     "mem_eff_attn": Unsupported("use sdpa = true (torch's fused attention, the default) or xformers = true."),
     "vae": Unsupported("a separate VAE file is not supported yet; the checkpoint's own VAE is used."),

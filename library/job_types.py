@@ -41,6 +41,7 @@ class TrainingJob(JobBase, Protocol):
     dataset_config: str | None
     debiased_estimation_loss: bool
     debug_dataset: bool
+    dynamo_backend: str
     ema_decay: float | None
     enable_bucket: bool
     flip_aug: bool
@@ -125,6 +126,7 @@ class NetworkJob(TrainingJob, Protocol):
     network_train_text_encoder_only: bool
     network_train_unet_only: bool
     network_weights: str | None
+    scale_weight_norms: float | None
     text_encoder_lr: float | None
     unet_lr: float | None
 

@@ -28,7 +28,7 @@ def test_every_optimizer_steps_on_cpu(name):
 
 def test_optimizer_errors():
     weight = torch.nn.Parameter(torch.zeros(4))
-    with pytest.raises(ConfigError, match=r"optimizer_type = \"Adafactorr\" is unknown. Use one of AdamW"):
+    with pytest.raises(ConfigError, match=r"\"Adafactorr\" is unknown. Did you mean 'Adafactor'\? Use one of AdamW"):
         build_optimizer("Adafactorr", [{"params": [weight]}], 1e-3, None)
     with pytest.raises(ConfigError, match=r"optimizer_type = \"AdamW8bt\" is unknown. Did you mean 'AdamW8bit'\?"):
         build_optimizer("AdamW8bt", [{"params": [weight]}], 1e-3, None)

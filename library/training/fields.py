@@ -65,6 +65,9 @@ TRAINING_FIELDS: dict[str, Field] = {
                               "timesteps and noise (0 = none).", minimum=0, maximum=0.5, section="training"),
     "validate_every_n_steps": Field("int", None, "validation-loss interval (default: each save, and the end).",
                                     minimum=1, section="training"),
+    "dynamo_backend": Field("str", "no", "sd-scripts' torch.compile backend (used there only with torch_compile). "
+                            "pentadactyl does not compile the U-Net: \"no\" (any case, as kohya_ss writes it) is "
+                            "accepted, any other backend is refused before the model loads.", section="training"),
 }
 
 SAVING_FIELDS: dict[str, Field] = {
@@ -122,6 +125,11 @@ NETWORK_FIELDS: dict[str, Field] = {
                      minimum=0, section="network"),
     "text_encoder_lr": Field("float", None, "learning rate of the text-encoder part (default learning_rate; "
                              "0 = frozen).", minimum=0, section="network"),
+    "scale_weight_norms": Field("float", None, "max-norm regularisation (sd-scripts'): after each optimizer step, "
+                                "every LoRA module whose weight change alpha/rank · up·down has a Frobenius norm "
+                                "above this is scaled down to exactly this norm (1.0 is typical); the modules "
+                                "scaled and the mean and max norm are logged (max_norm/… in TensorBoard). "
+                                "Unset or 0 = off.", minimum=0, section="network"),
 }
 
 MAX_VECTORS = 75  # one CLIP chunk

@@ -33,10 +33,10 @@ from library.text_encoding import encode_texts, long_captions
 from library.training import noise as nz
 from library.training.metadata import build_metadata
 from library.training.method import Method, MicroBatch, TrainContext
-from library.training.optimizers import build_optimizer, build_scheduler, optimizer_class
+from library.training.optimizers import apply_max_norm, build_optimizer, build_scheduler, check_optimizer_job
 from library.training.runtime import (
-    StopFlag, all_reduce_mean, ema_update, make_accelerator, peak_memory_text, set_attention_backend,
-    tensorboard_writer, weight_dtype_of,
+    StopFlag, all_reduce_mean, check_dynamo_backend, ema_update, make_accelerator, peak_memory_text,
+    set_attention_backend, tensorboard_writer, weight_dtype_of,
 )
 from library.training.schedule import due_after_step, prune_periodic_files, with_fixed_timesteps
 from library.training.state import (
@@ -79,10 +79,17 @@ def sample_seed(seed: int, step: int, index: int) -> int:
 
 def train(job: TrainingJob, method: Method) -> TrainResult:
     """Run a job to the end (or to a Ctrl-C). What can be checked without the model is checked first: the
-    output folder is writable and no other run uses it, the optimizer exists, a resumed state is readable."""
+    output folder is writable and no other run uses it, the optimizer exists and fits the schedule, a resumed
+    state is readable."""
     started = time.time()
     accelerator = make_accelerator(job)
-    optimizer_class(job.optimizer_type, job.optimizer_args)
+    for warning in check_optimizer_job(job):
+        if accelerator.is_main_process:
+            log.warning(warning)
+    check_dynamo_backend(job)
+    if getattr(job, "scale_weight_norms", None) and not method.saves_network:
+        raise ConfigError(f"{job.source}: scale_weight_norms limits the norms of LoRA modules, but this job trains "
+                          "no LoRA network (dreambooth_mode = \"full\"); remove it.")
     with contextlib.ExitStack() as held:
         if accelerator.is_main_process:  # only the main process writes files
             output_dir = check_writable_folder(job.output_dir, "output_dir")
@@ -135,6 +142,7 @@ class Run:
     global_step: int = 0
     epoch: int = 1
     done_in_epoch: int = 0
+    max_norm: tuple[int, float, float] | None = None  # scale_weight_norms' last (modules scaled, mean, max norm)
 
     @property
     def device(self) -> torch.device:
@@ -220,7 +228,7 @@ def set_up(job: TrainingJob, method: Method, accelerator, state: LoadedState | N
     total_steps = job.max_train_epochs * steps_per_epoch if job.max_train_epochs else job.max_train_steps
     dataset.set_max_train_steps(total_steps)
     scheduler = build_scheduler(job.lr_scheduler, optimizer.optimizer, job.lr_warmup_steps, total_steps,
-                                job.lr_scheduler_num_cycles, job.lr_scheduler_power)
+                                job.lr_scheduler_num_cycles, job.lr_scheduler_power, initial_lr=job.learning_rate)
     ema = {k: v.detach().clone().float() for k, v in method.trainable_state().items()} if job.ema_decay else None
     if is_main:
         log.info(f"{dataset.num_train_images} training images, {dataset.num_reg_images} regularisation images; "
@@ -340,6 +348,8 @@ def optimizer_step(run: Run, group: list[dict]) -> tuple[float, torch.Tensor | N
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if getattr(job, "scale_weight_norms", None):  # LoRA methods only (train refuses it otherwise)
+        run.max_norm = apply_max_norm(method.network.modules_of(), job.scale_weight_norms)
     method.after_optimizer_step(run.global_step + 1)
     if run.ema is not None:
         ema_update(run.ema, method.trainable_state(), job.ema_decay)
@@ -441,13 +451,20 @@ def do_what_is_due(run: Run, finished_epoch: int | None) -> None:
 def log_step(run: Run, loss: float, grad_norm, running: list[float], progress_bar) -> None:
     lrs = run.scheduler.get_last_lr()
     progress_bar.update(1)
-    progress_bar.set_postfix(epoch=run.epoch, loss=f"{sum(running) / len(running):.4f}", lr=f"{lrs[0]:.2e}")
+    extra = {} if run.max_norm is None else {"keys_scaled": run.max_norm[0], "avg_norm": f"{run.max_norm[1]:.3g}"}
+    progress_bar.set_postfix(epoch=run.epoch, loss=f"{sum(running) / len(running):.4f}", lr=f"{lrs[0]:.2e}", **extra)
     if run.writer:
         run.writer.add_scalar("loss/train", loss, run.global_step)
-        for group_spec, lr in zip(run.param_groups, lrs):
+        for group_spec, lr, group in zip(run.param_groups, lrs, run.optimizer.optimizer.param_groups):
             run.writer.add_scalar(f"lr/{group_spec.get('name', 'params')}", lr, run.global_step)
+            if "d" in group:  # D-Adaptation / Prodigy: the step size they estimated
+                run.writer.add_scalar(f"lr/d*lr/{group_spec.get('name', 'params')}", group["d"] * group["lr"],
+                                      run.global_step)
         if grad_norm is not None:
             run.writer.add_scalar("grad_norm", float(grad_norm), run.global_step)
+        if run.max_norm is not None:
+            for tag, value in zip(("keys_scaled", "average_key_norm", "max_key_norm"), run.max_norm):
+                run.writer.add_scalar(f"max_norm/{tag}", value, run.global_step)
 
 
 def finish(run: Run) -> TrainResult:

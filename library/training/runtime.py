@@ -38,6 +38,21 @@ def weight_dtype_of(mixed_precision: str) -> torch.dtype:
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
 
+def check_dynamo_backend(job: TrainingJob) -> None:
+    """dynamo_backend: "no" (any case) is off; torch.compile is not wired, so any other backend is refused.
+
+    Why not compile: sd-scripts itself compiles only with torch_compile = true, which pentadactyl lacks; the
+    LoRA branch patches each layer's forward and draws module dropout on the CPU (graph breaks), every bucket
+    resolution is a new shape to compile, and the compile time outweighs the gain on runs of a few thousand
+    steps. Attention is already fused (sdpa, or xformers)."""
+    backend = job.dynamo_backend
+    if backend is not None and backend.lower() != "no":
+        raise ConfigError(f"{job.source}: dynamo_backend = \"{backend}\": pentadactyl does not torch.compile the "
+                          "U-Net (sd-scripts, too, compiles only with torch_compile = true). Set dynamo_backend = "
+                          "\"no\" or remove it; attention is already fused (sdpa = true, the default, or "
+                          "xformers = true).")
+
+
 def set_attention_backend(unet, job: TrainingJob, device: torch.device) -> str:
     if job.xformers:
         if device.type != "cuda":
