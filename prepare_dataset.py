@@ -4,6 +4,7 @@
     python prepare_dataset.py 11k-hands --csv HandInfo.csv --images Hands/ --out data/11k_hands --holdout 0.1
     python prepare_dataset.py folder --images Palms/ --caption "a photo of a palm" --out data/palms
     python prepare_dataset.py from-ratings --db ratings.sqlite --score 0 --out data/bad_hands_captioned
+    python prepare_dataset.py toy-hands --out data/toy_hands              # the toy study's data (its own layout)
     python prepare_dataset.py --help                                       # every command
 
 Each writes OUT/<repeats>_<concept>/ (default 1_hand) with the images, their short side --resolution,
@@ -26,6 +27,7 @@ COMMAND_MODULES = (
     "library.prepare.hands11k",  # 11k-hands
     "library.prepare.folder",    # folder
     "library.prepare.ratings",   # from-ratings
+    "toy_hands.prepare",         # toy-hands: the toy study's datasets
 )
 
 

@@ -32,11 +32,19 @@ SCRIPTS = {
     "sample_compare.toml": "sample",
     "sample_quickstart.toml": "sample",
     "study_sd15.toml": "study",  # a study file of study.py (checked in test_study.py)
+    "study_toy.toml": "study",  # the toy study (checked in test_toy_study.py)
+    "toy/lora_attn_r4.toml": "train_network",  # the toy study's rows
+    "toy/lora_attn_r64.toml": "train_network",
+    "toy/locon_conv_te.toml": "train_network",
+    "toy/ti_positive.toml": "train_textual_inversion",
+    "toy/ti_negative.toml": "train_textual_inversion",
+    "toy/ti_contrastive.toml": "train_textual_inversion",
+    "toy/dreambooth_palms.toml": "train_dreambooth",
 }
 
 
 def test_every_preset_is_listed():
-    assert sorted(p.name for p in PRESETS.glob("*.toml")) == sorted(SCRIPTS)
+    assert sorted(p.relative_to(PRESETS).as_posix() for p in PRESETS.rglob("*.toml")) == sorted(SCRIPTS)
 
 
 @pytest.mark.parametrize("name", sorted(n for n, script in SCRIPTS.items() if script and script != "study"))

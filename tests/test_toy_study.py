@@ -1,92 +1,113 @@
-"""The study in miniature: its scores and report, and the --quick run end to end on the toy hand model."""
+"""The study in miniature: its data (prepare_dataset.py toy-hands), its study file (the same runner as the
+SD1.5 study), and the --quick run end to end on the toy hand model."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
+import prepare_dataset
 from library.config import load_job
 from library.errors import ConfigError
-from toy_hands import TOY_MODEL_PATH
-from toy_hands import study
-from toy_hands.report import HandScore, markdown_table, pixel_change, write_line_plot
+from library.schema import load_toml
+from toy_hands import TOY_MODEL_PATH, prepare, study
+
+needs_toy_model = pytest.mark.skipif(not TOY_MODEL_PATH.is_file(), reason="the toy hand model is not in this checkout")
 
 
-def test_hand_score_rates_and_wilson_interval():
-    score = HandScore([5, 5, 4, 0, 6, 5, 5, 7])
-    assert score.five_rate == pytest.approx(4 / 8)
-    assert score.no_hand_rate == pytest.approx(1 / 8)
-    assert score.mean_error == pytest.approx((0 + 0 + 1 + 1 + 0 + 0 + 2) / 7)
-    assert score.histogram() == {0: 1, 4: 1, 5: 4, 6: 1, 7: 1}
-    # Wilson interval, worked by hand: 0 of 24 -> upper bound z²/n / (1 + z²/n)
-    lo, hi = HandScore([4] * 24).interval()
-    assert lo == 0.0 and hi == pytest.approx((1.96 ** 2 / 24) / (1 + 1.96 ** 2 / 24))
-    lo, hi = HandScore([5] * 100 + [4] * 100).interval()
-    assert (lo + hi) / 2 == pytest.approx(0.5) and hi - lo == pytest.approx(2 * 0.0686, abs=1e-3)
+def test_toy_study_file_prompts_seeds_and_rows():
+    full = study.toy_study()
+    # the prompts are the ones the comment says: the first eight distinct captions of stream 5000
+    assert full.prompts == prepare.distinct_captions(5000, 8)
+    dev, test = set(full.seeds["dev"]), set(full.seeds["test"])
+    pool = set(range(prepare.POOL_SEED, prepare.POOL_SEED + prepare.FULL.pool_seeds))
+    assert min(dev) == 10_000 and min(test) == 30_000 and len(dev) == len(test) == 25
+    assert not dev & test and not (dev | test) & pool
+    assert [r.name for r in full.rows] == ["base", "lora_attn_r4", "lora_attn_r64", "locon_conv_te", "ti_positive",
+                                           "ti_negative", "ti_contrastive", "dreambooth_palms"]
+    assert full.model == TOY_MODEL_PATH.resolve() and full.judge == "counter"
+    # every job of the study reads the default data folder, and every one is a job its script accepts
+    for row in full.rows[1:]:
+        text = row.job.read_text()
+        assert "data/toy_hands/" in text and row.overrides == {}
 
 
-def test_pixel_change_and_table_and_plot(tmp_path):
-    black, white = Image.new("RGB", (8, 8), "black"), Image.new("RGB", (8, 8), "white")
-    assert pixel_change([black, white], [black, white]) == 0.0
-    assert pixel_change([black], [white]) == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="needs the same images"):
-        pixel_change([black], [])
-    table = markdown_table(["a", "b"], [[1, "x"]])
-    assert table.splitlines() == ["| a | b |", "|---|---|", "| 1 | x |"]
-    path = tmp_path / "plot.png"
-    write_line_plot(path, {"run": [(0, 0.1), (50, 0.4), (100, 0.7)]}, "t", "step", "rate", baseline=0.1)
-    assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]  # no temporary left beside it
-    with Image.open(path) as plot:
-        assert plot.format == "PNG" and plot.size == (720, 440)
-        colours = {tuple(c) for c in np.asarray(plot.convert("RGB")).reshape(-1, 3)}
-    assert (31, 119, 180) in colours  # the first series is drawn (matplotlib's first colour, #1f77b4)
+def test_quick_study_is_the_same_file_smaller_and_reads_its_own_data():
+    full, quick = study.toy_study(), study.toy_study(quick=True)
+    assert quick.prompts == full.prompts[:4] and quick.seeds["test"] == full.seeds["test"][:6]
+    assert quick.sample["steps"] == 12 and quick.out == Path("toy_study_quick")
+    rows = {r.name: r for r in quick.rows}
+    assert rows["lora_attn_r64"].multipliers == (0.5, 1.0) and rows["lora_attn_r4"].checkpoints == (12,)
+    assert rows["ti_positive"].checkpoints == () and rows["ti_positive"].prompt_template == "goodhand {prompt}"
+    db = rows["dreambooth_palms"].overrides
+    assert db["max_train_steps"] == 24 and db["num_class_images"] == 8
+    assert [s["image_dir"] for s in db["datasets"][0]["subsets"]] == ["data/toy_hands_quick/palms",
+                                                                      "data/toy_hands_quick/class_hand"]
+    assert rows["ti_contrastive"].overrides["contrastive_data_dir"] == "data/toy_hands_quick/good_generations"
+    moved = {r.name: r for r in study.toy_study(data=Path("elsewhere/toy")).rows}
+    assert moved["lora_attn_r4"].overrides["datasets"][0]["subsets"][0]["image_dir"] == "elsewhere/toy/clean_hands"
 
 
-def test_study_refuses_a_folder_that_holds_a_study(tmp_path):
-    (tmp_path / "jobs").mkdir()
-    with pytest.raises(ConfigError, match="already holds a study"):
-        study.main(["--out", str(tmp_path), "--quick"])
-    assert list(tmp_path.iterdir()) == [tmp_path / "jobs"]
+@needs_toy_model
+def test_prepare_toy_data_writes_sorted_generations_once(tmp_path, monkeypatch):
+    plan = prepare.DataPlan(clean_images=3, palm_images=2, pool_prompts=2, pool_seeds=3, pool_steps=4)
+    out = tmp_path / "toy"
+    summary = prepare.prepare_toy_data(out, plan)
+    assert sorted(p.name for p in out.iterdir()) == ["bad_generations", "clean_hands", "good_generations", "palms",
+                                                     "summary.json", "summary.md"]
+    assert [p.name for p in tmp_path.iterdir()] == ["toy"]  # no temporary left beside it
+    assert len(list((out / "clean_hands").glob("*.png"))) == 3 and len(list((out / "palms").glob("*.png"))) == 2
+    assert not list((out / "palms").glob("*.txt"))
+    generations = [p for kind in ("bad", "good") for p in (out / f"{kind}_generations").glob("*.png")]
+    assert len(generations) == summary["bad_generations"] + summary["good_generations"] == 2 * 3
+    prompts = set(prepare.distinct_captions(prepare.POOL_PROMPT_STREAM, 2))
+    assert {p.with_suffix(".txt").read_text().strip() for p in generations} == prompts
+    from library.evaluate.counter import count_fingers
 
-
-def test_dev_and_test_seeds_are_disjoint_from_each_other_and_from_the_pool(tmp_path):
-    dev, test = (study.Study(tmp_path, study.FULL, TOY_MODEL_PATH, s) for s in ("dev", "test"))
-    pool = set(range(study.POOL_SEED, study.POOL_SEED + study.FULL.pool_seeds))
-    assert dev.eval_seeds[0] == 10_000 and test.eval_seeds[0] == 30_000 and len(test.eval_seeds) == 25
-    assert not set(dev.eval_seeds) & set(test.eval_seeds) and not (set(dev.eval_seeds) | set(test.eval_seeds)) & pool
-    assert dev.hand_prompts == test.hand_prompts  # the same prompts: only the seeds are fresh
+    for path in (out / "good_generations").glob("*.png"):
+        assert count_fingers(Image.open(path)) == 5
+    for path in (out / "bad_generations").glob("*.png"):
+        assert count_fingers(Image.open(path)) != 5
+    # a second run with the same settings finds it; other settings are refused and nothing is touched
+    stamp = (out / "summary.json").stat().st_mtime_ns
+    assert prepare.prepare_toy_data(out, plan) == summary and (out / "summary.json").stat().st_mtime_ns == stamp
+    with pytest.raises(ConfigError, match="holds toy data of other settings"):
+        prepare.prepare_toy_data(out, prepare.QUICK)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "mine.txt").write_text("keep")
+    with pytest.raises(ConfigError, match="holds other files"):
+        prepare_dataset.main(["toy-hands", "--out", str(tmp_path / "other")])
+    assert [p.name for p in (tmp_path / "other").iterdir()] == ["mine.txt"]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not TOY_MODEL_PATH.is_file(), reason="the toy hand model is not in this checkout")
-def test_quick_study_end_to_end(tmp_path):
-    out = tmp_path / "study"
-    study.main(["--out", str(out), "--quick"])
-    results = json.loads((out / "results.json").read_text())
-    assert results["seed_set"] == "dev" and results["eval_seeds"][0] == 10_000
-    plan = study.QUICK
-    per_row = plan.eval_prompts * plan.eval_seeds
-    expected = {"base", "lora_attn_r4", "lora_attn_r64", "locon_conv_te", "ti_positive", "ti_negative",
-                "dreambooth_palms"}
-    assert expected <= set(results["rows"])
-    for key, row in results["rows"].items():
-        assert row["images"] == per_row, key
-        assert sum(row["histogram"].values()) == per_row
-    assert results["rows"]["base"]["non_hand_change"] == 0.0
-    assert [p["multiplier"] for p in results["sweep"]] == [0.0, 0.5, 1.0]
-    assert set(results["curves"]) == {"LoRA attention r4", "LoRA attention r64", "LoCon conv + TE"}
-    md = (out / "results.md").read_text()
-    for row in results["rows"].values():
-        assert f"| {row['label']} |" in md
-    for name in ("score_vs_step.png", "grid.png"):
-        Image.open(out / name).verify()
-    # every job the study ran is a job file the public scripts accept
-    scripts = {"lora": "train_network", "locon": "train_network", "goodhand": "train_textual_inversion",
-               "badhand": "train_textual_inversion", "contrastbad": "train_textual_inversion",
-               "dreambooth": "train_dreambooth", "sample": "sample"}
-    for job_file in sorted((out / "jobs").glob("*.toml")):
-        script = next(v for k, v in scripts.items() if job_file.stem.startswith(k))
-        load_job(script, ["--config", str(job_file)])
+@needs_toy_model
+def test_quick_study_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    study.main(["--quick"])
+    data = json.loads(Path("data/toy_hands_quick/summary.json").read_text())
+    assert data["clean_hands"] == 32 and data["bad_generations"] > 0 and data["good_generations"] > 0
+    report = Path("toy_study_quick/dev/report")
+    table = (report / "study.md").read_text()
+    for row in study.toy_study(quick=True).rows:
+        assert f"| {row.label} | {row.name} |" in table
+    assert "| LoRA attention r64 ×0.5 | lora_attn_r64@x0.5 |" in table
+    Image.open(report / "plots" / "score_by_step.png").verify()
+    per_point = 4 * 6
+    counts = {}
+    for folder in Path("toy_study_quick/dev/samples").glob("*/[!.]*"):  # not .embeddings (the staged tokens)
+        counts[f"{folder.parent.name}/{folder.name}"] = len(list(folder.glob("*.png")))
+    assert counts["lora_attn_r4/step00000012"] == counts["lora_attn_r64/final-x0.5"] == per_point
+    assert set(counts.values()) == {per_point} and len(counts) == 1 + 2 + 3 + 2 + 3 + 1
+    # every job the study ran is a job file its script accepts
+    for row in study.toy_study(quick=True).rows[1:]:
+        load_job(row.script, ["--config", f"toy_study_quick/jobs/{row.name}.toml"])
+        assert load_toml(f"toy_study_quick/jobs/{row.name}.toml")["max_train_steps"] == 24
+    # a second run finds everything done: nothing is trained or sampled again, the table is the same
+    marker = Path("toy_study_quick/rows/lora_attn_r4/trained.json").stat().st_mtime_ns
+    study.main(["--quick"])
+    assert Path("toy_study_quick/rows/lora_attn_r4/trained.json").stat().st_mtime_ns == marker
+    assert (report / "study.md").read_text() == table

@@ -150,11 +150,12 @@ def _row(table: Any, index: int, base: Path, errors: list[str]) -> Row | None:
                tuple(float(m) for m in multipliers), template, negative)
 
 
-def load_study(path: str | Path) -> Study:
-    """The study file at `path`, checked; a ConfigError lists every problem found."""
+def load_study(path: str | Path, base: str | Path | None = None) -> Study:
+    """The study file at `path`, checked; a ConfigError lists every problem found. Its model and job paths
+    are taken from `base` (default: the folder the command runs in); its `out` always from that folder."""
     path = Path(path)
     table = load_toml(path)
-    base = Path.cwd()
+    base = Path(base) if base is not None else Path.cwd()
     errors: list[str] = []
     _unknown(table, {"study", "seeds", "sample", "rows"}, "study file", errors)
     head = table.get("study", {})
