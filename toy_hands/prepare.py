@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from library.errors import ConfigError
-from library.fileio import atomic_dir, atomic_path, write_text_atomic
+from library.fileio import atomic_dir, write_text_atomic
 from library.schema import job_toml
 
 log = logging.getLogger("pentadactyl")
