@@ -45,7 +45,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "huggingface_token": Unsupported("uploading to a hub is not supported; the toolkit works offline."),
     "dim_from_weights": Unsupported("give network_dim explicitly; network_weights must match it."),
     "mem_eff_attn": Unsupported("use sdpa = true (torch's fused attention, the default) or xformers = true."),
-    "vae": Unsupported("a separate VAE file is not supported yet; the checkpoint's own VAE is used."),
     "masked_loss": Unsupported("masked loss is not implemented yet."),
     "full_fp16": Unsupported("pure-fp16 training is unstable; use mixed_precision = \"fp16\" or \"bf16\"."),
     "full_bf16": Unsupported("trainable weights stay fp32; mixed_precision = \"bf16\" keeps frozen weights in bf16."),

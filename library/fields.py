@@ -8,6 +8,9 @@ MODEL_FIELDS: dict[str, Field] = {
     "pretrained_model_name_or_path": Field(
         "path", help="SD1.x checkpoint: a single .safetensors/.ckpt file (LDM layout) or a diffusers folder.",
         nullable=False, section="model"),
+    "vae": Field("path", None, "a separate VAE that replaces the checkpoint's own (for caching latents, samples "
+                 "and a saved full model): a single file such as vae-ft-mse-840000-ema-pruned.safetensors, or a "
+                 "diffusers VAE folder.", section="model"),
     "clip_skip": Field("int", 1, "use the output of the N-th last CLIP layer (1 = last, 2 = anime models).",
                        minimum=1, maximum=12, section="model"),
     "max_token_length": Field("int", 75, "caption length in tokens: 75, 150 or 225 (chunks of 75, as A1111); "

@@ -109,6 +109,7 @@ class TrainingJob(JobBase, Protocol):
     train_batch_size: int
     train_data_dir: str | None
     training_comment: str | None
+    vae: str | None
     vae_batch_size: int
     validate_every_n_steps: int | None
     validation_split: float
@@ -189,5 +190,6 @@ class SampleJob(JobBase, Protocol):
     steps: int
     sweep_multipliers: list[float] | None
     sweep_network: str | None
+    vae: str | None
     vae_dtype: str
     width: int

@@ -193,6 +193,74 @@ def _load_diffusers_folder(path: Path, dtype: torch.dtype) -> SD1Model:
     return SD1Model(unet, vae, text, tokenizer, str(path))
 
 
+_VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+
+
+def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32, key: str = "vae") -> torch.nn.Module:
+    """A separate VAE, as sd-scripts' `vae = …` and WebUI's SD VAE setting take it: a single file with LDM
+    names (`encoder.down.0.…`, as vae-ft-mse-840000-ema-pruned.safetensors; or a whole SD1 checkpoint, whose
+    `first_stage_model.` part is used), a diffusers VAE folder (config.json + weights), or a diffusers model
+    folder (its vae/). Load it before the checkpoint (a wrong path fails fast), then `use_vae`."""
+    import diffusers  # noqa: F401  (as load_sd1: import time is not load time)
+
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{key} = \"{path}\": no such file or folder. Give a VAE .safetensors/.ckpt/.pt file "
+                             "(e.g. vae-ft-mse-840000-ema-pruned.safetensors) or a diffusers VAE folder, or remove "
+                             f"{key} to use the checkpoint's own VAE.")
+    if path.is_dir():
+        vae = _load_vae_folder(path, dtype, key)
+    else:
+        state = read_state_dict(path)
+        if any(k.startswith(arch.VAE_PREFIX) for k in state):
+            state = {k: v for k, v in state.items() if k.startswith(arch.VAE_PREFIX)}
+        elif any(k.startswith("encoder.down.") for k in state):
+            state = {arch.VAE_PREFIX + k: v for k, v in state.items() if k.startswith(_VAE_PARTS)}
+        elif any(k.startswith("encoder.down_blocks.") for k in state):
+            raise ModelLoadError(f"{key} = \"{path}\": this file has diffusers VAE names (encoder.down_blocks.…); "
+                                 "put it in a folder with its config.json (a diffusers VAE folder) and give the "
+                                 "folder, or use the single-file (LDM) release of the VAE.")
+        else:
+            raise ModelLoadError(f"{key} = \"{path}\": not a VAE: it has no encoder/decoder weights "
+                                 f"(e.g. {sorted(state)[:2]}). Give an SD1 VAE file such as "
+                                 "vae-ft-mse-840000-ema-pruned.safetensors.")
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        try:
+            config = arch.infer_vae_config(shapes)
+        except (ModelLoadError, KeyError) as exc:
+            raise ModelLoadError(f"{key} = \"{path}\": not a complete SD1 VAE ({exc})") from None
+        vae = arch.build_vae(config, empty=True)
+        _assign(vae, ldm_keys.vae_from_ldm(state, config), dtype, path, "VAE")
+    vae.requires_grad_(False)
+    vae.eval()
+    return vae
+
+
+def use_vae(model: SD1Model, vae: torch.nn.Module, path: str | os.PathLike, key: str = "vae") -> None:
+    """Put a separate VAE (from `load_vae`) in the model, after checking its latents match the U-Net's."""
+    mine = (vae.config.latent_channels, arch.vae_scale_factor(vae.config))
+    theirs = (model.vae.config.latent_channels, arch.vae_scale_factor(model.vae.config))
+    if mine != theirs:
+        raise ModelLoadError(f"{key} = \"{path}\": this VAE makes latents of {mine[0]} channels at 1/{mine[1]} of "
+                             f"the image size; the model's U-Net works on {theirs[0]} channels at 1/{theirs[1]}. "
+                             f"Use a VAE made for this model family (SD1.x), or remove {key}.")
+    model.vae = vae.to(next(model.vae.parameters()).dtype)
+    model.extra["vae"] = str(path)
+
+
+def _load_vae_folder(path: Path, dtype: torch.dtype, key: str) -> torch.nn.Module:
+    from diffusers import AutoencoderKL
+
+    folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"{key} = \"{path}\": the folder has no config.json (nor vae/config.json); give a "
+                             "diffusers VAE folder or a VAE .safetensors file.")
+    try:
+        return AutoencoderKL.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"{key} = \"{path}\": cannot load the diffusers VAE folder: {exc}") from None
+
+
 # --------------------------------------------------------------------------------------------- saving
 
 

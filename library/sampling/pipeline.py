@@ -159,7 +159,8 @@ class Sampler:
       which decodes in `vae_dtype` (fp32 by default: the SD1 VAE overflows in fp16) on `device`.
     - autocast_dtype: run the U-Net and text encoder under torch.autocast (e.g. fp32 weights, bf16 math).
     - sampler: default sampler name for prompts that do not set one.
-    - model_name / model_hash / networks / embedding_hashes: what the PNG `parameters` text reports.
+    - model_name / model_hash / networks / embedding_hashes / extra_parameters: what the PNG `parameters`
+      text reports.
     - embedding_tokens: {name: [tokens]} from `library.embeddings.add_embeddings` (expanded in prompts).
     - eval_modules: more modules to switch to eval while sampling (e.g. the LoRA network being trained).
     """
@@ -170,7 +171,7 @@ class Sampler:
                  sampler: str = "ddim", model_name: str | None = None, model_hash: str | None = None,
                  networks: Sequence[NetworkLabel] = (), embedding_tokens: Mapping[str, Sequence[str]] | None = None,
                  embedding_hashes: Mapping[str, str] | None = None, eval_modules: Sequence[torch.nn.Module] = (),
-                 progress: bool = True) -> None:
+                 extra_parameters: Mapping[str, str] | None = None, progress: bool = True) -> None:
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.clip_skip = clip_skip
         self.max_chunks = None if max_token_length is None else max(1, max_token_length // CHUNK)
@@ -183,6 +184,7 @@ class Sampler:
         self.embedding_tokens = dict(embedding_tokens or {})
         self.embedding_hashes = dict(embedding_hashes or {})
         self.eval_modules = list(eval_modules)
+        self.extra_parameters = dict(extra_parameters or {})  # more `parameters` fields, e.g. VAE hash / VAE
         self.progress = progress
         self.latent_channels = int(unet.config.in_channels)
         self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -252,6 +254,7 @@ class Sampler:
             model_name=self.model_name, clip_skip=self.clip_skip,
             lora_hashes={n.name: n.short_hash for n in active if n.short_hash},
             ti_hashes={name: self.embedding_hashes[name] for name in used_embeddings},
+            extra=self.extra_parameters,
         )
 
     def generate(self, spec: PromptSpec, seeds: Sequence[int], batch_size: int = 1,

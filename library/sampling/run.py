@@ -116,6 +116,11 @@ def random_seeds(specs, seed: int, seeds):
 def job_sampler(model, job, *, device, sampler: str, max_token_length: int | None = None, **options) -> Sampler:
     """A Sampler over a loaded model with what every job fixes: its CLIP skip, the checkpoint's display
     name, the default sampler; `options` are Sampler's own (dtypes, networks, embeddings, progress…)."""
+    vae = getattr(job, "vae", None)
+    if vae:  # as WebUI writes a selected SD VAE: its file's short hash, then its name
+        vae_hash = model_short_hash(vae, progress=False)
+        options["extra_parameters"] = {**({"VAE hash": vae_hash} if vae_hash else {}), "VAE": Path(vae).name,
+                                       **options.get("extra_parameters", {})}
     return Sampler(model.unet, model.vae, model.text_encoder, model.tokenizer, clip_skip=job.clip_skip,
                    max_token_length=max_token_length, device=device, sampler=sampler,
                    model_name=model_display_name(job.pretrained_model_name_or_path), **options)
@@ -123,7 +128,7 @@ def job_sampler(model, job, *, device, sampler: str, max_token_length: int | Non
 
 def run_sample_job(job: SampleJob, progress: bool = True) -> SampleJobResult:
     from library.embeddings import add_embeddings, embedding_files, load_embeddings
-    from library.models.loading import load_sd1
+    from library.models.loading import load_sd1, load_vae, use_vae
 
     specs = specs_from_job(job)  # prompt errors before the (slow) model load
     device = resolve_device(job.device)
@@ -136,8 +141,12 @@ def run_sample_job(job: SampleJob, progress: bool = True) -> SampleJobResult:
     tagged = load_sampling_networks([f"{path}:0" for path in prompt_lora_files(specs, job)])
     loaded, modes = loaded + tagged, modes + ["patch"] * len(tagged)  # patched: each prompt sets its multipliers
 
+    vae = load_vae(job.vae, dtype) if job.vae else None  # before the checkpoint: a wrong path fails fast
     log.info(f"loading {job.pretrained_model_name_or_path}")
     model = load_sd1(job.pretrained_model_name_or_path, dtype)
+    if vae is not None:
+        use_vae(model, vae, job.vae)
+        log.info(f"VAE: {job.vae}")
     model.unet.to(device)
     model.text_encoder.to(device)
     model.vae.to(device, vae_dtype)

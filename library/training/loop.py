@@ -28,7 +28,7 @@ from library.errors import ConfigError, PentadactylError
 from library.fileio import (
     WRITE_ERRORS, FolderLock, check_writable_folder, remove_stale_temporaries, write_error_reason,
 )
-from library.models.loading import load_sd1
+from library.models.loading import load_sd1, load_vae, use_vae
 from library.text_encoding import encode_texts, long_captions
 from library.training import noise as nz
 from library.training.metadata import build_metadata
@@ -176,9 +176,12 @@ def set_up(job: TrainingJob, method: Method, accelerator, state: LoadedState | N
     torch.manual_seed(job.seed)
 
     # ---- model and method
+    vae = load_vae(job.vae) if job.vae else None  # before the checkpoint: a wrong path fails fast
     model = load_sd1(job.pretrained_model_name_or_path, dtype=torch.float32)
+    if vae is not None:
+        use_vae(model, vae, job.vae)
     if is_main:
-        log.info(f"loaded {model.source} in {model.load_seconds:.1f} s")
+        log.info(f"loaded {model.source} in {model.load_seconds:.1f} s" + (f"; VAE {job.vae}" if vae else ""))
     attention = set_attention_backend(model.unet, job, device)
     ctx = TrainContext(job, model, device, weight_dtype, accelerator.process_index, world,
                        accelerator.wait_for_everyone, start_step=state.progress.global_step if state else 0)

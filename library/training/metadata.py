@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import time
 from pathlib import Path
 
 from library.job_types import TrainingJob
 from library.dataset import DATASET_REVEALING_KEYS
+
+
+@functools.lru_cache(maxsize=4)
+def vae_metadata(path: str) -> dict[str, str]:
+    """sd-scripts' record of a separate VAE: its file name, and for a file its legacy hash (sha256 of the 64 KiB
+    at 1 MiB, 8 hex digits) and its full sha256. Hashed once per run, not at every save."""
+    meta = {"ss_vae_name": Path(path).name}
+    if Path(path).is_file():
+        legacy, full = hashlib.sha256(), hashlib.sha256()
+        with open(path, "rb") as handle:
+            handle.seek(0x100000)
+            legacy.update(handle.read(0x10000))
+            handle.seek(0)
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                full.update(block)
+        meta.update({"ss_vae_hash": legacy.hexdigest()[:8], "ss_new_vae_hash": full.hexdigest()})
+    return meta
 
 
 def build_metadata(job: TrainingJob, dataset, method, started: float, step: int, epoch: int, total_steps: int) -> dict[str, str]:
@@ -46,6 +65,8 @@ def build_metadata(job: TrainingJob, dataset, method, started: float, step: int,
                  if not (job.no_dataset_metadata and k in DATASET_REVEALING_KEYS)})
     if job.training_comment:
         meta["ss_training_comment"] = job.training_comment
+    if job.vae:
+        meta.update(vae_metadata(job.vae))
     for key, value in method.metadata().items():
         meta[key] = value if isinstance(value, str) else json.dumps(value)
     return meta
