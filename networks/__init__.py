@@ -1,4 +1,5 @@
-"""LoRA / LoCon networks for SD1.x: the module, its kohya-format files, and tools.
+"""LoRA / LoCon networks for SD1.x: the module, its kohya-format files, and tools; LyCORIS' algorithms
+trained through the optional lycoris-lora package and read back by our own code.
 
 What to train
     spec = NetworkSpec.from_args(network_dim=32, network_alpha=1,
@@ -33,10 +34,19 @@ Files
     normalize_names(tensors)            # LyCORIS / LDM-style / transformers-5-style names -> ours
     sshs_hashes(tensors, metadata)      # the two hashes as readers recompute them
 
+LyCORIS training (network_module = "lycoris.kohya"; networks/lycoris_network.py, needs lycoris-lora)
+    spec = LycorisSpec.from_args(8, 4, {"algo": "loha", "conv_dim": "4"})   # every setting checked
+    network = LycorisKohyaNetwork(spec, unet, text_encoder)  # the package's network, patched at once;
+                                        # the same methods the trainer uses on LoConNetwork, plus
+                                        # trainable_state() / load_trainable_state() for an exact resume
+
 Using files (sampler)
     network_from_weights(tensors, unet, text_encoder, multiplier)  # a patching network for any file
     merge_weights(tensors, unet, text_encoder, multiplier)          # handles lora_mid and dora_scale
     (library/sampling/networks.py merges or patches a list of "file:multiplier" entries with these)
+    Any file module may be LoRA/LoCon or LyCORIS' LoHa, LoKr, (IA)^3 (each optionally DoRA): its weight
+    change is networks/algorithms.py's `effective_delta(parts, weight)`, written from the published
+    formulas (the package is not needed to sample with or inspect LyCORIS files).
 
 Tools
     python networks/check_lora.py FILE...   (or python -m networks.check_lora FILE...)

@@ -2,7 +2,9 @@
 
 `merge_weights` adds a file's update into the weights (fastest per step); `network_from_weights` builds a
 patching network (reversible, multiplier changeable). library/sampling/networks.py chooses between them
-for sample.py and the tests.
+for sample.py and the tests. Plain LoRA/LoCon modules patch with their low-rank branch; LyCORIS' LoHa,
+LoKr, (IA)^3 and DoRA modules (networks/algorithms.py) with their full weight change, recomputed in each
+forward from the file's tensors (nothing the size of a weight is kept per module).
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from library.errors import ConfigError, NetworkFileError
-from networks.files import group_by_module, module_alpha, module_rank, normalize_names
-from networks.locon import LoConModule, LoConNetwork, add_delta_, lora_delta
-from networks.names import DORA_SCALE, DOWN, MID, UP, unet_block_index
+from networks.algorithms import LORA, algorithm_of, alpha_of, effective_delta, fit_problem, rank_of
+from networks.files import group_by_module, normalize_names
+from networks.locon import ForwardPatch, LoConModule, LoConNetwork, add_delta_
+from networks.names import DORA_SCALE, MID, unet_block_index
 from networks.targets import Target, iter_layers, kohya_name_for, part_of
 
 
@@ -90,20 +94,53 @@ def match_modules(
 
 
 def _check_shapes(name: str, parts: Mapping[str, torch.Tensor], layer: _Layer, source: str) -> None:
-    module = layer.module
-    weight_shape = tuple(module.weight.shape)
-    down, up = tuple(parts[DOWN].shape), tuple(parts[UP].shape)
-    rank = down[0]
-    expected_in, expected_out = weight_shape[1], weight_shape[0]
-    ok = len(down) >= 2 and down[1] == expected_in and up[0] == expected_out and up[1] == rank
-    if MID in parts:
-        ok = ok and tuple(parts[MID].shape[:2]) == (rank, up[1])
-    if not ok:
+    weight_shape = tuple(layer.module.weight.shape)
+    problem = fit_problem(parts, weight_shape)
+    if problem is not None:
         raise NetworkFileError(
-            f"{source}: {name} has down {list(down)} / up {list(up)}, which does not fit the model layer "
+            f"{source}: {name} {problem}, which does not fit the model layer "
             f"{layer.path} of shape {list(weight_shape)}; the LoRA was made for another base model "
             "(SD2.x / SDXL?)"
         )
+
+
+class WeightChangePatch(ForwardPatch):
+    """A file module applied through its whole weight change D = W' − W: base(x) + multiplier · op(x, D).
+
+    For the LyCORIS algorithms whose update is no low-rank branch (LoHa, LoKr, (IA)^3) and for DoRA, whose
+    update depends on the base weight. D is recomputed from the file's tensors in every forward, in float32,
+    so nothing the size of the weight is kept."""
+
+    def __init__(self, target: Target, base: nn.Linear | nn.Conv2d, parts: Mapping[str, torch.Tensor],
+                 source: str) -> None:
+        super().__init__(target, base)
+        self.source = source
+        self.part_names = list(parts)
+        for index, (part, value) in enumerate(parts.items()):
+            self.register_buffer(f"part{index}", value.detach().to(base.weight.device), persistent=False)
+
+    @property
+    def parts(self) -> dict[str, torch.Tensor]:
+        return {part: getattr(self, f"part{i}") for i, part in enumerate(self.part_names)}
+
+    def weight_change(self) -> torch.Tensor:
+        return effective_delta(self.parts, self.base.weight.detach(), self.source)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base
+        change = self.weight_change().to(x.dtype)
+        if isinstance(base, nn.Conv2d):
+            out = F.conv2d(x, change, None, base.stride, base.padding, base.dilation, base.groups)
+        else:
+            out = F.linear(x, change)
+        return out * self.multiplier
+
+    @torch.no_grad()
+    def merge_into_base(self, multiplier: float) -> None:
+        add_delta_(self.base.weight, self.weight_change(), multiplier)
+
+    def kohya_tensors(self) -> dict[str, torch.Tensor]:
+        return self.parts
 
 
 def network_from_weights(
@@ -113,42 +150,28 @@ def network_from_weights(
     multiplier: float = 1.0,
     source: str = "the LoRA file",
 ) -> LoConNetwork:
-    """A patching network that reproduces any LoRA/LoCon file (ranks and alphas per module from the file)."""
+    """A patching network that reproduces any supported file (ranks, alphas and algorithm per module)."""
     renamed = normalize_names(tensors)
     modules = group_by_module(renamed)
     matched = match_modules(modules, unet, text_encoder, source)
-    locon: dict[str, LoConModule] = {}
+    patches: dict[str, ForwardPatch] = {}
     for name, layer in matched.items():
         parts = modules[name]
-        if DORA_SCALE in parts:
-            raise NetworkFileError(f"{source}: {name} is a DoRA module (dora_scale); DoRA files can be merged "
-                                   "into the model (the default for sampling) but not patched")
         block = unet_block_index(layer.path) if layer.model == "unet" else None
+        rank, alpha = rank_of(parts) or 0, alpha_of(parts)
         target = Target(name, layer.path, layer.model, part_of(layer.model, layer.path), layer.kind, block,
-                        module_rank(parts), module_alpha(parts))
-        locon[name] = LoConModule(target, layer.module, tucker=MID in parts)
-    network = LoConNetwork(locon)
+                        rank, float(rank) if alpha is None else alpha)
+        if algorithm_of(parts) == LORA and DORA_SCALE not in parts:
+            patches[name] = LoConModule(target, layer.module, tucker=MID in parts)
+        else:
+            patches[name] = WeightChangePatch(target, layer.module, parts, source)
+    network = LoConNetwork(patches)
     # modules of a model that was not given (e.g. no text encoder) are left out
-    network.load_kohya_state_dict({k: v for k, v in renamed.items() if k.split(".", 1)[0] in locon},
+    lora = {n for n, m in patches.items() if isinstance(m, LoConModule)}
+    network.load_kohya_state_dict({k: v for k, v in renamed.items() if k.split(".", 1)[0] in lora},
                                   strict=False, source=source)
     network.set_multiplier(multiplier)
     return network
-
-
-def dora_weight(base: torch.Tensor, delta: torch.Tensor, dora_scale: torch.Tensor, source: str) -> torch.Tensor:
-    """DoRA: magnitude * (W + dW) / ||W + dW||, the norm taken per output row or per input column
-    as the shape of `dora_scale` says ([out, 1, ...] or [1, in, ...])."""
-    combined = base + delta
-    scale = dora_scale.float()
-    if scale.shape[0] == combined.shape[0] and scale.numel() == combined.shape[0]:
-        norm = combined.flatten(1).norm(dim=1).reshape(scale.shape)
-    elif scale.dim() >= 2 and scale.shape[0] == 1 and scale.shape[1] == combined.shape[1]:
-        dims = [0] + list(range(2, combined.dim()))
-        norm = combined.norm(dim=dims, keepdim=True).reshape(scale.shape)
-    else:
-        raise NetworkFileError(f"{source}: dora_scale of shape {list(scale.shape)} fits neither the output "
-                               f"nor the input size of a layer of shape {list(combined.shape)}")
-    return combined * (scale / norm)
 
 
 @torch.no_grad()
@@ -159,21 +182,11 @@ def merge_weights(
     multiplier: float = 1.0,
     source: str = "the LoRA file",
 ) -> int:
-    """Fold a LoRA/LoCon file (incl. lora_mid and dora_scale) into the model weights; returns modules merged."""
+    """Fold a file (LoRA/LoCon incl. lora_mid, LoHa, LoKr, (IA)^3, DoRA) into the model weights; returns
+    the number of modules merged."""
     modules = group_by_module(normalize_names(tensors))
     matched = match_modules(modules, unet, text_encoder, source)
     for name, layer in matched.items():
-        parts = modules[name]
         weight = layer.module.weight
-        down = parts[DOWN].to(weight.device, torch.float32)
-        up = parts[UP].to(weight.device, torch.float32)
-        mid = parts[MID].to(weight.device, torch.float32) if MID in parts else None
-        scale = module_alpha(parts) / module_rank(parts)
-        delta = lora_delta(down, up, mid, scale, tuple(weight.shape))
-        if DORA_SCALE in parts:
-            base = weight.float()
-            new = dora_weight(base, delta, parts[DORA_SCALE].to(weight.device), source)
-            weight.copy_((base + multiplier * (new - base)).to(weight.dtype))
-        else:
-            add_delta_(weight, delta, multiplier)
+        add_delta_(weight, effective_delta(modules[name], weight, source), multiplier)
     return len(matched)

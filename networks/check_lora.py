@@ -1,4 +1,6 @@
-"""Show what a LoRA file contains: parts, module counts, ranks and alphas, metadata, SD1.5 fit.
+"""Show what a LoRA file contains: algorithm, parts, module counts, ranks and alphas, metadata, SD1.5 fit.
+
+LoRA/LoCon files and LyCORIS' LoHa, LoKr, (IA)^3 and DoRA files are read (see networks/algorithms.py).
 
     python networks/check_lora.py my_lora.safetensors [more.safetensors ...]
     python -m networks.check_lora my_lora.safetensors
@@ -21,14 +23,18 @@ from dataclasses import dataclass, field
 import torch
 
 from library.errors import NetworkFileError, PentadactylError
+from networks.algorithms import IA3, LORA, algorithm_of, alpha_of, fit_problem, rank_of
 from networks.files import (
-    group_by_module, module_alpha, module_rank, normalize_names, not_an_sd1_lora, read_network_file,
-    safetensors_data_hash, sshs_hashes, unknown_keys, unsupported_algorithm,
+    group_by_module, normalize_names, not_an_sd1_lora, read_network_file, safetensors_data_hash, sshs_hashes,
+    unknown_keys, unsupported_algorithm,
 )
 from networks.names import ALPHA, DORA_SCALE, MID, SD1_BLOCK_NAMES, is_ldm_style, split_key
 from networks.targets import CONV, PART_TITLES, TE, UNET_ATTENTION, UNET_CONV, UNET_OTHER, LayerInfo, sd15_layer_table
 
 PART_ORDER = (TE, UNET_ATTENTION, UNET_CONV, UNET_OTHER, "te_other", "unmapped")
+# the extras a module may carry, as the report names them
+EXTRAS = {MID: "lora_mid (Tucker)", "hada_t1": "hada_t1/t2 (Tucker)", "lokr_t2": "lokr_t2 (Tucker)",
+          DORA_SCALE: "dora_scale (DoRA)"}
 
 
 @dataclass
@@ -37,10 +43,11 @@ class ModuleFacts:
     part: str
     kind: str  # linear / conv1x1 / conv / ?
     block: int | None
-    rank: int
-    alpha: float
+    rank: int | None  # None: the algorithm has no rank ((IA)^3, a LoKr of two full factors)
+    alpha: float | None  # None: no alpha in the file (or none that applies)
     params: int
     fits: bool  # maps onto an SD1.5 layer with matching shapes
+    algorithm: str = LORA  # LoRA / LoHa / LoKr / (IA)^3, with " + DoRA" when the module has a dora_scale
 
 
 @dataclass
@@ -59,15 +66,22 @@ class FileReport:
     hash_check: dict[str, tuple[str | None, str]] = field(default_factory=dict)
 
 
-def _kind_from_shape(down: torch.Tensor) -> str:
-    if down.dim() == 4:
-        return "conv1x1" if tuple(down.shape[2:]) == (1, 1) else CONV
-    return "linear"
+def _kind_from_shape(parts: dict[str, torch.Tensor]) -> str:
+    """The layer kind a module was made for, as far as its tensors say (for modules SD1.5 lacks)."""
+    tensor = parts.get("lora_down.weight", parts.get("hada_w1_b", parts.get("lokr_w2", parts.get("weight"))))
+    if tensor is None or tensor.dim() != 4:
+        return "linear" if tensor is not None and tensor.dim() == 2 else "?"
+    return "conv1x1" if tuple(tensor.shape[2:]) == (1, 1) else CONV
 
 
 def _fits(info: LayerInfo, parts: dict[str, torch.Tensor]) -> bool:
-    down, up = parts["lora_down.weight"], parts["lora_up.weight"]
-    return down.shape[1] == info.in_features and up.shape[0] == info.out_features
+    shape = (info.out_features, info.in_features, *(info.kernel or ()))
+    return fit_problem(parts, shape) is None
+
+
+def _algorithm_title(parts: dict[str, torch.Tensor]) -> str:
+    algorithm = algorithm_of(parts) or "?"
+    return algorithm + (" + DoRA" if DORA_SCALE in parts else "")
 
 
 def inspect_file(path: str | Path) -> FileReport:
@@ -95,19 +109,26 @@ def inspect_file(path: str | Path) -> FileReport:
         modules = group_by_module(lora_tensors)
     table = sd15_layer_table()
     for name, parts in modules.items():
-        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+        algorithm = algorithm_of(parts)
+        if algorithm is None:
             continue
-        report.extras.update(p for p in (MID, DORA_SCALE) if p in parts)
-        report.without_alpha += ALPHA not in parts
+        report.extras.update(EXTRAS[p] for p in EXTRAS if p in parts)
+        rank = rank_of(parts)
+        alpha = alpha_of(parts)
+        if rank is not None and alpha is None:
+            report.without_alpha += 1
+            alpha = float(rank)
+        if rank is None:
+            alpha = None  # (IA)^3 and a LoKr of two full factors have no scale to read
         info = table.get(name)
-        rank = module_rank(parts)
-        params = sum(v.numel() for p, v in parts.items() if p != ALPHA)
+        params = sum(v.numel() for p, v in parts.items() if p not in (ALPHA, "on_input"))
+        title = _algorithm_title(parts)
         if info is None:
-            report.modules.append(ModuleFacts(name, "unmapped", _kind_from_shape(parts["lora_down.weight"]),
-                                              None, rank, module_alpha(parts), params, False))
+            report.modules.append(ModuleFacts(name, "unmapped", _kind_from_shape(parts), None, rank, alpha, params,
+                                              False, title))
         else:
-            report.modules.append(ModuleFacts(name, info.part, info.kind, info.block, rank, module_alpha(parts),
-                                              params, _fits(info, parts)))
+            report.modules.append(ModuleFacts(name, info.part, info.kind, info.block, rank, alpha, params,
+                                              _fits(info, parts), title))
     if metadata.get("sshs_model_hash") or metadata.get("sshs_legacy_hash"):
         data_hash = safetensors_data_hash(path.read_bytes())
         legacy = sshs_hashes(tensors, metadata)[1]
@@ -119,10 +140,13 @@ def inspect_file(path: str | Path) -> FileReport:
 
 
 # --- formatting ---------------------------------------------------------------------------------------
-def _range(values: list[float]) -> str:
-    unique = sorted(set(values))
+def _range(values: list[float | None]) -> str:
+    unique = sorted({v for v in values if v is not None})
     text = [f"{v:g}" for v in unique]
-    return text[0] if len(text) == 1 else f"{text[0]}..{text[-1]} (varies)"
+    if not text:
+        return "-"
+    text = text if len(text) == 1 else [f"{text[0]}..{text[-1]} (varies)"]
+    return text[0] + (" (and none)" if None in values else "")
 
 
 def _table(rows: list[list[str]], header: list[str]) -> list[str]:
@@ -156,7 +180,14 @@ def format_report(report: FileReport) -> str:
                    f"{', '.join(examples[:3])})")
     else:
         extras = ", ".join(f"{p} x{n}" for p, n in report.extras.items())
-        out.append("algorithm: LoRA/LoCon (lora_down/lora_up/alpha)" + (f", extras: {extras}" if extras else ""))
+        algorithms = Counter(m.algorithm.removesuffix(" + DoRA") for m in report.modules)
+        if set(algorithms) <= {LORA}:
+            title = "LoRA/LoCon (lora_down/lora_up/alpha)"
+        else:
+            title = "LyCORIS " + ", ".join(f"{a} x{n}" for a, n in algorithms.most_common())
+            if IA3 in algorithms:
+                title += " ((IA)^3: A1111 applies it, ComfyUI skips its keys)"
+        out.append(f"algorithm: {title}" + (f", extras: {extras}" if extras else ""))
     if report.ldm_named:
         out.append(f"names: {report.ldm_named} module(s) use LDM-style names (input_blocks/...): "
                    "A1111 and ComfyUI load them, diffusers does not")
@@ -176,12 +207,14 @@ def format_report(report: FileReport) -> str:
             modules = by_part.get(part)
             if not modules:
                 continue
+            algorithms = Counter(m.algorithm for m in modules)
             rows.append([PART_TITLES.get(part, "not an SD1.5 layer"), str(len(modules)),
+                         ", ".join(a if len(algorithms) == 1 else f"{a} x{n}" for a, n in algorithms.most_common()),
                          _range([m.rank for m in modules]), _range([m.alpha for m in modules]),
                          f"{sum(m.params for m in modules):,}"])
-        rows.append(["total", str(len(report.modules)), "", "", f"{sum(m.params for m in report.modules):,}"])
+        rows.append(["total", str(len(report.modules)), "", "", "", f"{sum(m.params for m in report.modules):,}"])
         out.append("")
-        out.extend(_table(rows, ["part", "modules", "rank", "alpha", "parameters"]))
+        out.extend(_table(rows, ["part", "modules", "algorithm", "rank", "alpha", "parameters"]))
         out.extend(_block_table(report.modules))
         fitting = sum(m.fits for m in report.modules)
         out.append("")
@@ -227,8 +260,9 @@ def _block_table(modules: list[ModuleFacts]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Show what a LoRA/LoCon file (.safetensors, or a .pt pickle "
-                                                 "read without running code) contains.")
+    parser = argparse.ArgumentParser(description="Show what a LoRA/LoCon or LyCORIS (LoHa, LoKr, (IA)^3, DoRA) "
+                                                 "file (.safetensors, or a .pt pickle read without running code) "
+                                                 "contains.")
     parser.add_argument("files", nargs="+", type=Path, help="LoRA files")
     args = parser.parse_args(argv)
     status = 0

@@ -15,9 +15,9 @@ import torch
 from library.errors import NetworkFileError
 from library.fileio import save_safetensors_atomic
 from library.safe_pickle import PICKLE_SUFFIXES, load_pickle
+from networks.algorithms import IA3, LORA, algorithm_of, algorithms_in, missing_parts
 from networks.names import (
-    ALPHA, DOWN, LORA_PARTS, OTHER_ALGORITHMS, TE_PREFIX, UNET_PREFIX, UP,
-    split_key, to_diffusers_name,
+    ALPHA, DORA_SCALE, DOWN, OTHER_ALGORITHMS, READABLE_PARTS, TE_PREFIX, UNET_PREFIX, split_key, to_diffusers_name,
 )
 
 # ss_* keys that reveal what the training images were (folder names, captions' tags, bucket sizes).
@@ -120,7 +120,8 @@ def save_network(
 ) -> dict[str, str]:
     """Write a kohya LoRA file atomically; return the metadata written.
 
-    Weights are cast to `save_dtype`, every `alpha` is float32 (consumers read it as a scalar). The
+    Floating-point weights are cast to `save_dtype` (integer ones, such as (IA)^3's `on_input`, are kept),
+    every `alpha` is float32 (consumers read it as a scalar). The
     `sshs_*` hashes are computed on the file as it is with only its `ss_*` keys, as sd-scripts and
     A1111 do; `modelspec.*` keys are added unless given.
     """
@@ -131,7 +132,7 @@ def save_network(
         value = value.detach().to("cpu")
         if key.endswith("." + ALPHA):
             value = value.to(torch.float32).reshape(())
-        elif dtype is not None:
+        elif dtype is not None and value.is_floating_point():
             value = value.to(dtype)
         prepared[key] = value.contiguous()
     meta = dict(metadata or {})
@@ -221,7 +222,7 @@ def not_an_sd1_lora(tensors: Mapping[str, torch.Tensor]) -> str | None:
 
 
 def unsupported_algorithm(keys: list[str]) -> tuple[str, list[str]] | None:
-    """(algorithm name, example keys) when the keys belong to a LyCORIS/PEFT algorithm other than LoCon."""
+    """(algorithm name, example keys) when the keys belong to a LyCORIS/PEFT algorithm we cannot read."""
     found: dict[str, list[str]] = {}
     for key in keys:
         _, part = split_key(key)
@@ -237,17 +238,18 @@ def unsupported_algorithm(keys: list[str]) -> tuple[str, list[str]] | None:
 
 
 def unknown_keys(keys: list[str]) -> list[str]:
-    """Keys that are not `<lora_unet_…|lora_te_…>.<lora part>`."""
+    """Keys that are not `<lora_unet_…|lora_te_…>.<a tensor of a readable algorithm>`."""
     bad = []
     for key in keys:
         module, part = split_key(key)
-        if not module.startswith((UNET_PREFIX, TE_PREFIX)) or part not in LORA_PARTS:
+        if not module.startswith((UNET_PREFIX, TE_PREFIX)) or part not in READABLE_PARTS:
             bad.append(key)
     return bad
 
 
 def check_network_keys(keys: list[str], source: str) -> None:
-    """Raise NetworkFileError unless every key is a LoRA/LoCon tensor of an SD1 network."""
+    """Raise NetworkFileError unless every key is a tensor of an SD1 network we can apply: LoRA/LoCon
+    (optionally with lora_mid, dora_scale) or LyCORIS' LoHa, LoKr, (IA)^3."""
     if not keys:
         raise NetworkFileError(f"{source}: the file holds no tensors; it is not a LoRA")
     other = unsupported_algorithm(keys)
@@ -255,25 +257,45 @@ def check_network_keys(keys: list[str], source: str) -> None:
         algorithm, examples = other
         raise NetworkFileError(
             f"{source}: this network uses {algorithm}, which is not supported yet (keys such as "
-            f"{', '.join(examples[:3])}); only LoRA/LoCon (lora_down/lora_up/alpha, with optional lora_mid "
-            "and dora_scale) can be loaded"
+            f"{', '.join(examples[:3])}); LoRA/LoCon (lora_down/lora_up/alpha, with optional lora_mid and "
+            "dora_scale) and LyCORIS' LoHa (hada_*), LoKr (lokr_*) and (IA)^3 (weight/on_input) can be loaded"
         )
     bad = unknown_keys(keys)
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise NetworkFileError(
             f"{source}: {len(bad)} key(s) are not LoRA tensors: {shown}. A LoRA file has only "
-            "<lora_unet_…|lora_te_…>.lora_down.weight / .lora_up.weight / .alpha keys; remove the others "
-            "(e.g. an embedded embedding) or use the tool that made the file"
+            "<lora_unet_…|lora_te_…>.lora_down.weight / .lora_up.weight / .alpha keys (or LyCORIS' hada_* / "
+            "lokr_* / weight); remove the others (e.g. an embedded embedding) or use the tool that made the file"
         )
-    modules: dict[str, set[str]] = {}
+    modules: dict[str, dict[str, None]] = {}
     for key in keys:
         module, part = split_key(key)
-        modules.setdefault(module, set()).add(part)
+        modules.setdefault(module, {})[part] = None
     for module, parts in modules.items():
-        if DOWN not in parts or UP not in parts:
-            lacking = DOWN if DOWN not in parts else UP
-            raise NetworkFileError(f"{source}: module {module} has no {lacking}; the file is incomplete")
+        algorithm = algorithm_of(parts)
+        if algorithm is None:
+            found = algorithms_in(parts)
+            what = (f"mixes tensors of {' and '.join(found)}" if found
+                    else f"has only {', '.join(parts)} and no weights")
+            raise NetworkFileError(f"{source}: module {module} {what}; the file is damaged or was written wrongly")
+        if algorithm == IA3 and DORA_SCALE in parts:
+            raise NetworkFileError(f"{source}: module {module} is (IA)^3 with a dora_scale, which no trainer writes "
+                                   "and no reader applies; the file is damaged or was written wrongly")
+        lacking = missing_parts(algorithm, parts)
+        if lacking:
+            raise NetworkFileError(f"{source}: module {module} ({algorithm}) has no {', '.join(lacking)}; "
+                                   "the file is incomplete")
+
+
+def require_lora(name: str, parts: Mapping[str, torch.Tensor], what: str) -> None:
+    """For the tools that rewrite low-rank factors (merging into one LoRA, resizing): refuse a module of a
+    LyCORIS algorithm other than LoRA/LoCon, saying what can be done with it instead."""
+    algorithm = algorithm_of(parts)
+    if algorithm != LORA:
+        raise NetworkFileError(
+            f"{name} is a {algorithm} module (LyCORIS), which has no lora_down/lora_up pair to {what}. "
+            "Apply it with sample.py, or merge it into a checkpoint (networks/merge.py --sd_model)")
 
 
 def load_network_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

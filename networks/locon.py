@@ -10,6 +10,9 @@ A `LoConModule` wraps one Linear or Conv2d of the base model by replacing that m
 - `up` starts at zero, so a fresh network is exactly the identity.
 - Files from LyCORIS may add a Tucker core (`lora_mid`: 1x1 down, k x k mid, 1x1 up); it is supported
   for loading and sampling.
+
+The patching itself (`ForwardPatch`) is shared with the modules networks/apply.py builds for LyCORIS' other
+algorithms when it samples with their files.
 """
 
 from __future__ import annotations
@@ -27,7 +30,67 @@ from networks.spec import NetworkSpec
 from networks.targets import CONV, TE, Target, select_targets
 
 
-class LoConModule(nn.Module):
+class ForwardPatch(nn.Module):
+    """Routes one base layer's `forward` through `patched_forward` (the base weights are neither copied nor
+    changed): base(x) + `branch(x)`, with `multiplier` 0 meaning off. Stackable: several networks may patch
+    one layer, and are restored in the reverse order."""
+
+    def __init__(self, target: Target, base: nn.Linear | nn.Conv2d) -> None:
+        super().__init__()
+        self.target = target
+        self.multiplier = 1.0
+        # Held outside the module tree (plain __dict__ entry) so that the network's parameters and
+        # state_dict never include, move or duplicate the frozen base layer.
+        self.__dict__["base"] = base
+        self.__dict__["_previous_forward"] = None
+        self.__dict__["_patched"] = False
+
+    def apply_to(self) -> None:
+        """Route the base layer's forward through this module (stackable: several networks at once)."""
+        if self._patched:
+            return
+        base = self.base
+        self.__dict__["_previous_forward"] = base.__dict__.get("forward")
+        self.__dict__["_inner_forward"] = base.forward  # the class forward or an earlier network's patch
+        base.forward = self.patched_forward
+        self.__dict__["_patched"] = True
+
+    def restore(self) -> None:
+        if not self._patched:
+            return
+        base = self.base
+        if base.__dict__.get("forward") != self.patched_forward:
+            raise RuntimeError(
+                f"{self.target.kohya_name}: another network patched this layer after this one; "
+                "restore networks in the reverse order of apply_to()"
+            )
+        if self._previous_forward is None:
+            del base.forward
+        else:
+            base.forward = self._previous_forward
+        self.__dict__["_patched"] = False
+
+    def patched_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self._inner_forward(x, *args, **kwargs)
+        if self.multiplier == 0.0:
+            return out
+        branch = self.branch(x)
+        return out if branch is None else out + branch.to(out.dtype)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor | None:
+        """What this module adds to the base layer's output for input x (None: nothing this time)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge_into_base(self, multiplier: float) -> None:
+        raise NotImplementedError
+
+    def kohya_tensors(self) -> dict[str, torch.Tensor]:
+        """This module's tensors as a kohya file names them after `<name>.`."""
+        raise NotImplementedError
+
+
+class LoConModule(ForwardPatch):
     """Low-rank update of one base layer. Its parameters are the file's lora_down / lora_up (/ lora_mid);
     alpha is kept as a float and written as the file's float32 `alpha`."""
 
@@ -41,18 +104,11 @@ class LoConModule(nn.Module):
         module_dropout: float = 0.0,
         tucker: bool = False,
     ) -> None:
-        super().__init__()
-        self.target = target
+        super().__init__(target, base)
         self.rank = target.rank
-        self.multiplier = 1.0
         self.dropout = dropout
         self.rank_dropout = rank_dropout
         self.module_dropout = module_dropout
-        # Held outside the module tree (plain __dict__ entry) so that the network's parameters and
-        # state_dict never include, move or duplicate the frozen base layer.
-        self.__dict__["base"] = base
-        self.__dict__["_previous_forward"] = None
-        self.__dict__["_patched"] = False
 
         device = base.weight.device
         r = target.rank
@@ -91,40 +147,18 @@ class LoConModule(nn.Module):
     def is_conv(self) -> bool:
         return isinstance(self.lora_down, nn.Conv2d)
 
-    # --- patching -----------------------------------------------------------------------------------
-    def apply_to(self) -> None:
-        """Route the base layer's forward through this module (stackable: several networks at once)."""
-        if self._patched:
-            return
-        base = self.base
-        self.__dict__["_previous_forward"] = base.__dict__.get("forward")
-        self.__dict__["_inner_forward"] = base.forward  # the class forward or an earlier network's patch
-        base.forward = self.patched_forward
-        self.__dict__["_patched"] = True
-
-    def restore(self) -> None:
-        if not self._patched:
-            return
-        base = self.base
-        if base.__dict__.get("forward") != self.patched_forward:
-            raise RuntimeError(
-                f"{self.target.kohya_name}: another network patched this layer after this one; "
-                "restore networks in the reverse order of apply_to()"
-            )
-        if self._previous_forward is None:
-            del base.forward
-        else:
-            base.forward = self._previous_forward
-        self.__dict__["_patched"] = False
-
-    def patched_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        out = self._inner_forward(x, *args, **kwargs)
-        if self.multiplier == 0.0:
-            return out
+    def branch(self, x: torch.Tensor) -> torch.Tensor | None:
         # CPU RNG on purpose: gradient checkpointing restores it on recompute, and it needs no GPU sync
         if self.training and self.module_dropout > 0.0 and float(torch.rand(())) < self.module_dropout:
-            return out
-        return out + self.lora_output(x).to(out.dtype)
+            return None
+        return self.lora_output(x)
+
+    def kohya_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {DOWN: self.lora_down.weight.detach(), UP: self.lora_up.weight.detach()}
+        if self.lora_mid is not None:
+            tensors[MID] = self.lora_mid.weight.detach()
+        tensors[ALPHA] = torch.tensor(self.alpha, dtype=torch.float32)
+        return tensors
 
     # --- the low-rank branch ------------------------------------------------------------------------
     def lora_output(self, x: torch.Tensor) -> torch.Tensor:
@@ -273,14 +307,8 @@ class LoConNetwork(nn.Module):
     # --- kohya files --------------------------------------------------------------------------------
     def kohya_state_dict(self) -> dict[str, torch.Tensor]:
         """`<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha` (+ lora_mid) per module."""
-        tensors: dict[str, torch.Tensor] = {}
-        for name, module in self.locon.items():
-            tensors[f"{name}.{DOWN}"] = module.lora_down.weight.detach()
-            tensors[f"{name}.{UP}"] = module.lora_up.weight.detach()
-            if module.lora_mid is not None:
-                tensors[f"{name}.{MID}"] = module.lora_mid.weight.detach()
-            tensors[f"{name}.{ALPHA}"] = torch.tensor(module.alpha, dtype=torch.float32)
-        return tensors
+        return {f"{name}.{part}": value for name, module in self.locon.items()
+                for part, value in module.kohya_tensors().items()}
 
     @torch.no_grad()
     def load_kohya_state_dict(self, tensors: Mapping[str, torch.Tensor], strict: bool = True,

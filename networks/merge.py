@@ -6,8 +6,10 @@
         [--new_rank 32 [--new_conv_rank 8]]
 
 Into a checkpoint: every affected weight becomes W + sum_i ratio_i * (alpha_i / r_i) * up_i @ down_i, by the
-sampler's own merge (`networks.merge_weights`: LoCon 3x3 convs, Tucker cores and DoRA included), text
-encoder too; the result is written by the single-file LDM writer DreamBooth's full mode uses.
+sampler's own merge (`networks.merge_weights`: LoCon 3x3 convs, Tucker cores and DoRA included, and LyCORIS'
+LoHa, LoKr and (IA)^3 with their own updates, see networks/algorithms.py), text encoder too; the result is
+written by the single-file LDM writer DreamBooth's full mode uses. Merging into one LoRA takes LoRA/LoCon files
+only (a LoHa / LoKr / (IA)^3 module has no up/down pair to concatenate or factorise).
 
 Into one LoRA, per module:
 - without --new_rank the inputs' ranks are concatenated: the result's rank is sum_i r_i, its alpha is
@@ -43,8 +45,8 @@ from tqdm import tqdm
 from library.cli import run_main
 from library.errors import ConfigError, ModelLoadError, NetworkFileError, PentadactylError
 from networks.files import (
-    group_by_module, load_network_file, module_alpha, module_rank, normalize_names, safetensors_data_hash,
-    save_network,
+    group_by_module, load_network_file, module_alpha, module_rank, normalize_names, require_lora,
+    safetensors_data_hash, save_network,
 )
 from networks.locon import lora_delta
 from networks.names import ALPHA, DORA_SCALE, DOWN, MID, UP
@@ -250,6 +252,10 @@ class LoraResult:
 
 def _canonical(name: str, info: LayerInfo, parts: Mapping[str, torch.Tensor], source: Source) -> Part:
     """Down / up (/ mid) reshaped to the layer's layout (a 1x1 conv stored as a Linear and back is accepted)."""
+    try:
+        require_lora(name, parts, "merge into another LoRA")
+    except NetworkFileError as error:
+        raise NetworkFileError(f"{source.path}: {error}") from None
     if DORA_SCALE in parts:
         raise NetworkFileError(f"{source.path}: {name} is a DoRA module (dora_scale); its update depends on the "
                                "base weights, so it cannot be merged into another LoRA. Merge it into a "

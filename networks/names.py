@@ -22,15 +22,23 @@ MID = "lora_mid.weight"
 DORA_SCALE = "dora_scale"
 LORA_PARTS: tuple[str, ...] = (DOWN, UP, ALPHA, MID, DORA_SCALE)
 
-# Key suffixes of other LyCORIS / PEFT algorithms, so a user hears "LoHa is not supported yet"
+# LyCORIS' other algorithms that train_network.py writes (network_module = "lycoris.kohya") and the sampler
+# reads (networks/algorithms.py): LoHa (Hadamard product of two low-rank pairs, optional Tucker cores),
+# LoKr (Kronecker product, either factor optionally low-rank, optional Tucker core) and (IA)^3 (a learned
+# per-channel scale of the weight).
+LOHA_PARTS: tuple[str, ...] = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+LOKR_PARTS: tuple[str, ...] = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+IA3_WEIGHT = "weight"
+IA3_ON_INPUT = "on_input"
+IA3_PARTS: tuple[str, ...] = (IA3_WEIGHT, IA3_ON_INPUT)
+# every tensor part a supported file module may have
+READABLE_PARTS: tuple[str, ...] = LORA_PARTS + LOHA_PARTS + LOKR_PARTS + IA3_PARTS
+
+# Key suffixes of other LyCORIS / PEFT algorithms, so a user hears "GLoRA is not supported yet"
 # instead of "unknown key". Keys are matched on the text after the module name's first ".".
 OTHER_ALGORITHMS: dict[str, str] = {
-    "hada_w1_a": "LoHa", "hada_w1_b": "LoHa", "hada_w2_a": "LoHa", "hada_w2_b": "LoHa",
-    "hada_t1": "LoHa", "hada_t2": "LoHa",
-    "lokr_w1": "LoKr", "lokr_w1_a": "LoKr", "lokr_w1_b": "LoKr", "lokr_w2": "LoKr",
-    "lokr_w2_a": "LoKr", "lokr_w2_b": "LoKr", "lokr_t2": "LoKr",
+    "lokr_t1": "LoKr with a Tucker core on its first factor (lokr_t1)",
     "diff": "full-weight difference (LyCORIS 'full')", "diff_b": "full-weight difference (LyCORIS 'full')",
-    "weight": "(IA)^3", "on_input": "(IA)^3",
     "a1.weight": "GLoRA", "a2.weight": "GLoRA", "b1.weight": "GLoRA", "b2.weight": "GLoRA",
     "oft_blocks": "OFT", "oft_diag": "OFT", "rescale": "OFT/BOFT", "oft_R": "BOFT",
     "w_norm": "LyCORIS norm training", "b_norm": "LyCORIS norm training",

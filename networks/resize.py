@@ -166,10 +166,11 @@ def module_kind(down: torch.Tensor) -> str:
 def resize_module(name: str, parts: Mapping[str, torch.Tensor], max_rank: int, method: str | None,
                   param: float | None, device: torch.device) -> tuple[ModuleResize, dict[str, torch.Tensor]]:
     """The resized tensors of one module (float32, CPU) and what was done to it."""
-    from networks.files import module_alpha, module_rank
+    from networks.files import module_alpha, module_rank, require_lora
     from networks.locon import lora_delta
     from networks.names import ALPHA, DORA_SCALE, DOWN, MID, UP
 
+    require_lora(name, parts, "resize")
     if DORA_SCALE in parts:
         raise NetworkFileError(f"{name} is a DoRA module (dora_scale): its update depends on the base weights, "
                                "so it cannot be resized on its own. Merge it into a model and extract instead")
@@ -212,7 +213,7 @@ def resize_tensors(
     """
     from tqdm import tqdm
 
-    from networks.files import group_by_module, normalize_names
+    from networks.files import group_by_module, normalize_names, require_lora
     from networks.names import DOWN, MID
 
     conv_rank = new_rank if new_conv_rank is None else new_conv_rank
@@ -224,6 +225,7 @@ def resize_tensors(
         # disable=None: no bar when stderr is not a terminal (logs, pipes)
         for name, parts in tqdm(modules.items(), desc="resizing", unit="module", leave=False,
                                 disable=True if len(modules) < 2 else None):
+            require_lora(name, parts, "resize")
             kind = "conv" if MID in parts else module_kind(parts[DOWN])
             limit = conv_rank if kind == "conv" else new_rank
             result, module_tensors = resize_module(name, parts, limit, method, param, device)

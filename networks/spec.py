@@ -79,12 +79,15 @@ class NetworkSpec:
     ) -> "NetworkSpec":
         """Build a spec from sd-scripts-style settings (`network_args` values may be strings)."""
         args = dict(network_args or {})
+        if "algo" in args:
+            raise ConfigError(f"network_args: algo = {args['algo']} is a LyCORIS setting; set network_module = "
+                              "\"lycoris.kohya\" (pip install lycoris-lora) to train LyCORIS' algorithms, or remove it.")
         unknown = sorted(k for k in args if k not in NETWORK_ARG_KEYS)
         if unknown:
             raise ConfigError(
                 f"network_args: unknown key(s) {', '.join(repr(k) for k in unknown)}; "
                 f"supported keys are {', '.join(NETWORK_ARG_KEYS)}. Remove or rename it "
-                "(LyCORIS 'algo' settings other than LoCon are not supported)."
+                "(LyCORIS' settings need network_module = \"lycoris.kohya\")."
             )
         values: dict[str, Any] = {}
         for key in ("conv_dim", "text_encoder_dim"):

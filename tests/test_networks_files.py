@@ -210,10 +210,15 @@ def test_dora_scale_is_merged(models, tmp_path):
     combined = w0 + 0.5 * up @ down
     directional = combined / combined.norm(dim=0, keepdim=True)
     expected = w0 + 0.8 * (magnitude * directional - w0)
+    # patched (the <lora:name:m> prompt tags, sweeps): the same layer output as the merged weight
+    network = network_from_weights(tensors, None, te, multiplier=0.8)
+    network.apply_to()
+    x = torch.randn(3, layer.in_features, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, expected, layer.bias), atol=1e-5, rtol=1e-5)
+    network.restore()
     merge_weights(tensors, None, te, multiplier=0.8)
     assert torch.allclose(layer.weight, expected, atol=1e-5)
-    with pytest.raises(NetworkFileError, match="DoRA"):
-        network_from_weights(tensors, None, te)
 
 
 def test_several_files_with_multipliers(models, tmp_path):
@@ -277,15 +282,15 @@ def test_truncated_file_is_a_clear_error(models, tmp_path):
 
 def test_other_algorithms_are_not_supported_yet(tmp_path):
     name = "lora_unet_down_blocks_0_attentions_0_proj_in"
-    loha = {f"{name}.hada_w1_a": torch.zeros(4, 2), f"{name}.hada_w1_b": torch.zeros(2, 4),
-            f"{name}.hada_w2_a": torch.zeros(4, 2), f"{name}.hada_w2_b": torch.zeros(2, 4), f"{name}.alpha": torch.tensor(1.0)}
-    save_file(loha, str(tmp_path / "loha.safetensors"))
-    with pytest.raises(NetworkFileError, match=r"LoHa, which is not supported yet \(keys such as .*hada_w1_a"):
-        load_network_file(tmp_path / "loha.safetensors")
-    lokr = {f"{name}.lokr_w1": torch.zeros(4, 4), f"{name}.lokr_w2": torch.zeros(4, 4)}
-    save_file(lokr, str(tmp_path / "lokr.safetensors"))
-    with pytest.raises(NetworkFileError, match="LoKr"):
-        load_network_file(tmp_path / "lokr.safetensors")
+    glora = {f"{name}.a1.weight": torch.zeros(4, 2), f"{name}.a2.weight": torch.zeros(2, 4),
+             f"{name}.b1.weight": torch.zeros(4, 2), f"{name}.b2.weight": torch.zeros(2, 4), f"{name}.alpha": torch.tensor(1.0)}
+    save_file(glora, str(tmp_path / "glora.safetensors"))
+    with pytest.raises(NetworkFileError, match=r"GLoRA, which is not supported yet \(keys such as .*a1.weight"):
+        load_network_file(tmp_path / "glora.safetensors")
+    oft = {f"{name}.oft_blocks": torch.zeros(4, 4, 4), f"{name}.alpha": torch.tensor(1.0)}
+    save_file(oft, str(tmp_path / "oft.safetensors"))
+    with pytest.raises(NetworkFileError, match="OFT"):
+        load_network_file(tmp_path / "oft.safetensors")
     sdxl = {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(1, 4),
             "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(4, 1)}
     save_file(sdxl, str(tmp_path / "sdxl.safetensors"))

@@ -105,8 +105,9 @@ def validate_spec(spec: PromptSpec) -> PromptSpec:
     prompt, loras = split_lora_tags(spec.prompt)
     tag = _EXTRA_NETWORK_TAG.search(prompt)
     if tag:
-        raise ConfigError(f"{where}: '{tag.group(0)}' in a prompt is not read (only <lora:name:multiplier> is); list "
-                          "the file in the job instead: networks = [\"file.safetensors:0.75\"].")
+        raise ConfigError(f"{where}: '{tag.group(0)}' in a prompt is not read (only <lora:name:multiplier> is, for "
+                          "LyCORIS files too); write <lora:…> or list the file in the job instead: networks = "
+                          "[\"file.safetensors:0.75\"].")
     sampler = resolve_sampler(spec.sampler, where).name if spec.sampler else None
     if loras:
         return replace(spec, prompt=prompt, loras=spec.loras + tuple(loras), sampler=sampler)

@@ -108,14 +108,19 @@ SAMPLING_DURING_TRAINING_FIELDS: dict[str, Field] = {
 
 NETWORK_FIELDS: dict[str, Field] = {
     "network_module": Field("str", "networks.lora", "the network type: networks.lora (LoRA, and LoCon when "
-                            "conv_dim is given in network_args) or networks.locon (the same module; conv_dim required).", choices=("networks.lora", "networks.locon"),
-                            section="network"),
+                            "conv_dim is given in network_args), networks.locon (the same module; conv_dim required) "
+                            "or lycoris.kohya (LyCORIS' LoRA/LoCon, LoHa, LoKr, (IA)^3 and DoRA, chosen by algo= "
+                            "in network_args; needs pip install lycoris-lora).",
+                            choices=("networks.lora", "networks.locon", "lycoris.kohya"), section="network"),
     "network_dim": Field("int", 4, "rank of the LoRA modules.", minimum=1, section="network"),
     "network_alpha": Field("float", 1.0, "alpha: the update is scaled by alpha / rank.", minimum=0,
                            section="network"),
     "network_args": Field("list[str]", None, "extra network settings as \"key=value\": conv_dim, conv_alpha, "
                           "text_encoder_dim, text_encoder_alpha, preset, dropout, rank_dropout, module_dropout, "
-                          "block_dims, block_alphas, conv_block_dims, conv_block_alphas.", section="network"),
+                          "block_dims, block_alphas, conv_block_dims, conv_block_alphas; with lycoris.kohya: algo "
+                          "(lora, locon, loha, lokr, ia3), conv_dim, conv_alpha, preset, dropout, rank_dropout, "
+                          "module_dropout, bypass_mode, use_tucker, use_scalar, dora_wd, wd_on_output, rs_lora, "
+                          "factor, decompose_both, full_matrix, unbalanced_factorization.", section="network"),
     "network_dropout": Field("float", None, "neuron dropout of the LoRA down output.", minimum=0, maximum=1,
                              section="network"),
     "network_weights": Field("path", None, "start from these LoRA weights (same shapes).", section="network"),

@@ -33,7 +33,7 @@ from library.text_encoding import encode_texts, long_captions
 from library.training import noise as nz
 from library.training.metadata import build_metadata
 from library.training.method import Method, MicroBatch, TrainContext
-from library.training.optimizers import apply_max_norm, build_optimizer, build_scheduler, check_optimizer_job
+from library.training.optimizers import build_optimizer, build_scheduler, check_optimizer_job
 from library.training.runtime import (
     StopFlag, all_reduce_mean, check_dynamo_backend, ema_update, make_accelerator, peak_memory_text,
     set_attention_backend, tensorboard_writer, weight_dtype_of,
@@ -352,7 +352,7 @@ def optimizer_step(run: Run, group: list[dict]) -> tuple[float, torch.Tensor | N
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     if getattr(job, "scale_weight_norms", None):  # LoRA methods only (train refuses it otherwise)
-        run.max_norm = apply_max_norm(method.network.modules_of(), job.scale_weight_norms)
+        run.max_norm = method.apply_max_norm(job.scale_weight_norms)
     method.after_optimizer_step(run.global_step + 1)
     if run.ema is not None:
         ema_update(run.ema, method.trainable_state(), job.ema_decay)

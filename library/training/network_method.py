@@ -1,4 +1,9 @@
-"""LoRA / LoCon training: the method behind train_network.py (and DreamBooth's LoRA mode)."""
+"""LoRA / LoCon training: the method behind train_network.py (and DreamBooth's LoRA mode).
+
+`network_module = "networks.lora"` (the default) trains our LoCon network (networks/locon.py);
+`network_module = "lycoris.kohya"` trains a LyCORIS network through the optional lycoris-lora package
+(networks/lycoris_network.py), with the same keys, files, metadata and exact resume.
+"""
 
 from __future__ import annotations
 
@@ -28,14 +33,21 @@ class NetworkMethod(Method):
 
     def __init__(self, job: NetworkJob):
         from networks import NetworkSpec
+        from networks.lycoris_network import LYCORIS_MODULE, LycorisSpec, require_lycoris
 
         self.job = job
         self.unet_lr, self.te_lr = part_learning_rates(job)
         args = parse_key_values(job.network_args, "network_args")
         if job.network_dropout is not None:
             args.setdefault("dropout", str(job.network_dropout))
-        self.spec = NetworkSpec.from_args(job.network_dim, job.network_alpha, args,
-                                          train_unet=self.unet_lr > 0, train_text_encoder=self.te_lr > 0)
+        self.lycoris = job.network_module == LYCORIS_MODULE
+        if self.lycoris:
+            require_lycoris()  # before the model loads
+            self.spec = LycorisSpec.from_args(job.network_dim, job.network_alpha, args,
+                                              train_unet=self.unet_lr > 0, train_text_encoder=self.te_lr > 0)
+        else:
+            self.spec = NetworkSpec.from_args(job.network_dim, job.network_alpha, args,
+                                              train_unet=self.unet_lr > 0, train_text_encoder=self.te_lr > 0)
         self.network = None
 
     @property
@@ -46,7 +58,12 @@ class NetworkMethod(Method):
         from networks import create_network, load_network_file
 
         unet, text = ctx.model.unet, ctx.model.text_encoder
-        self.network = create_network(self.spec, unet, text)
+        if self.lycoris:
+            from networks.lycoris_network import LycorisKohyaNetwork
+
+            self.network = LycorisKohyaNetwork(self.spec, unet, text, ctx.model.vae)
+        else:
+            self.network = create_network(self.spec, unet, text)
         if self.job.network_weights:
             tensors, _ = load_network_file(self.job.network_weights)
             self.network.load_kohya_state_dict(tensors, strict=True, source=str(self.job.network_weights))
@@ -58,12 +75,25 @@ class NetworkMethod(Method):
         return [self.network]  # its dropout variants act in train mode only
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
+        if self.lycoris:
+            return self.network.trainable_state()
         return {k: v for k, v in self.network.kohya_state_dict().items() if not k.endswith(".alpha")}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.lycoris:
+            self.network.load_trainable_state(state)
+            return
         full = self.network.kohya_state_dict()
         full.update(state)
         self.network.load_kohya_state_dict(full, strict=True, source="the training state")
+
+    def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
+        """scale_weight_norms after an optimizer step: (modules scaled, mean and max norm after scaling)."""
+        if self.lycoris:
+            return self.network.apply_max_norm(max_norm)
+        from library.training.optimizers import apply_max_norm
+
+        return apply_max_norm(self.network.modules_of(), max_norm)
 
     def save(self, path: Path, metadata: dict[str, str], dtype: torch.dtype, final: bool = False) -> list[Path]:
         from networks import save_network
@@ -81,6 +111,8 @@ class NetworkMethod(Method):
         return meta
 
     def summary(self) -> str:
+        if self.lycoris:
+            return self.network.summary()
         n = sum(p.numel() for p in self.network.parameters() if p.requires_grad)
         return (f"LoRA network: {len(self.network.locon)} modules, {n:,} trainable parameters "
                 f"(dim {self.spec.network_dim}, alpha {self.spec.network_alpha}"

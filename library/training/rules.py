@@ -41,10 +41,23 @@ def textual_inversion_rules(values: Mapping[str, Any], given: frozenset[str], da
 
 
 def network_rules(values: Mapping[str, Any], given: frozenset[str], datasets: list, source: str) -> list:
-    """The LoRA keys between themselves: network_args well-formed, networks.locon with its convolution rank,
-    at most one of the two "train only" switches."""
+    """The LoRA keys between themselves: network_args well-formed (for lycoris.kohya every LyCORIS setting
+    checked), networks.locon with its convolution rank, at most one of the two "train only" switches."""
     noise_rules(values, source)
     args = parse_key_values(values["network_args"], f"{source}: network_args")
+    if values["network_module"] == "lycoris.kohya":
+        from networks.lycoris_network import parse_lycoris_args
+
+        if values.get("network_dropout") is not None:
+            args.setdefault("dropout", str(values["network_dropout"]))
+        try:
+            parse_lycoris_args(args)  # the settings only; whether the package is installed: before training
+        except ConfigError as error:
+            raise ConfigError(f"{source}: {error}") from None
+    elif "algo" in args:
+        raise ConfigError(f"{source}: network_args has algo = {args['algo']}, a LyCORIS setting, but network_module = "
+                          f"\"{values['network_module']}\"; set network_module = \"lycoris.kohya\" (pip install "
+                          "lycoris-lora) to train LyCORIS' algorithms, or remove algo.")
     if values["network_module"] == "networks.locon" and "conv_dim" not in args:
         raise ConfigError(f"{source}: network_module = \"networks.locon\" adapts the convolution layers too, but "
                           "network_args has no conv_dim; add network_args = [\"conv_dim=8\", \"conv_alpha=4\"], or use "
