@@ -11,6 +11,8 @@ Inner code receives typed values and never re-parses.
 
 from __future__ import annotations
 
+import logging
+
 import json
 import re
 from dataclasses import asdict, is_dataclass
@@ -26,6 +28,8 @@ from library.schema import (
 )
 from library.scripts import SCRIPTS, ScriptSchema
 
+log = logging.getLogger("pentadactyl")
+
 # Tables of a job file that hold datasets rather than job keys.
 DATASET_TABLES = ("general", "datasets")
 
@@ -36,19 +40,93 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "sdxl": Unsupported("SDXL is not supported; pentadactyl trains SD1.x."),
     "deepspeed": Unsupported("DeepSpeed is not integrated; use DDP (accelerate launch --num_processes N)."),
     "fp8_base": Unsupported("fp8 base weights are not supported; use mixed_precision = \"bf16\"."),
-    "lowram": Unsupported("not needed: models are built on the meta device and loaded straight into place."),
-    "highvram": Unsupported("not needed: latents are cached in memory unless cache_latents_to_disk is set."),
+    "lowram": Unsupported("not needed: models are built on the meta device and loaded straight into place.",
+                          passed_over=True),
+    "highvram": Unsupported("not needed: latents are cached in memory unless cache_latents_to_disk is set.",
+                            passed_over=True),
     "persistent_data_loader_workers": Unsupported("images load in threads of the training process; "
-                                                  "max_data_loader_n_workers sets how many."),
+                                                  "max_data_loader_n_workers sets how many.",
+                                                  passed_over=True),
     "wandb_api_key": Unsupported("only TensorBoard logging is built in (log_with = \"tensorboard\")."),
     "huggingface_repo_id": Unsupported("uploading to a hub is not supported; the toolkit works offline."),
     "huggingface_token": Unsupported("uploading to a hub is not supported; the toolkit works offline."),
     "dim_from_weights": Unsupported("give network_dim explicitly; network_weights must match it."),
-    "mem_eff_attn": Unsupported("use sdpa = true (torch's fused attention, the default) or xformers = true."),
+    "mem_eff_attn": Unsupported("attention is memory-efficient already: sdpa = true (torch's fused attention, the "
+                                "default) or xformers = true.", passed_over=True),
     "masked_loss": Unsupported("masked loss is not implemented yet."),
     "full_fp16": Unsupported("pure-fp16 training is unstable; use mixed_precision = \"fp16\" or \"bf16\"."),
     "full_bf16": Unsupported("trainable weights stay fp32; mixed_precision = \"bf16\" keeps frozen weights in bf16."),
-    "weighted_captions": Unsupported("prompt weighting is applied only when sampling, not in training captions."),
+    "lr_scheduler_args": Unsupported("extra scheduler arguments are not read; the schedules take lr_warmup_steps, "
+                                     "lr_scheduler_num_cycles and lr_scheduler_power."),
+    "lr_scheduler_type": Unsupported("custom scheduler classes are not loaded; choose an lr_scheduler by name."),
+    # other sd-scripts scripts' keys, and features of other model families or of the hub
+    "zero_terminal_snr": Unsupported("it rescales the noise schedule for v-prediction models (SD2.x); SD1.x "
+                                     "predicts noise and keeps its schedule."),
+    "v_pred_like_loss": Unsupported("a v-prediction loss term; SD1.x predicts noise (epsilon)."),
+    "scale_v_pred_loss_like_noise_pred": Unsupported("a v-prediction loss scale; SD1.x predicts noise (epsilon)."),
+    "fused_backward_pass": Unsupported("an SDXL full fine-tuning memory option of sd-scripts; not implemented."),
+    "cpu_offload_checkpointing": Unsupported("an SD3/FLUX option of sd-scripts; use gradient_checkpointing."),
+    "mem_eff_save": Unsupported("an SDXL full-model saving option of sd-scripts; files are written atomically."),
+    "torch_compile": Unsupported("the U-Net is not torch.compiled (see dynamo_backend); attention is already fused."),
+    "base_weights": Unsupported("LoRAs are not merged into the model before training; merge them first with "
+                                "networks/merge.py --sd_model … and train on the merged checkpoint."),
+    "base_weights_multiplier": Unsupported("see base_weights: merge with networks/merge.py --ratios first."),
+    "initial_epoch": Unsupported("start a new run from weights with network_weights, or resume a state exactly "
+                                 "with resume = \"…-state\"."),
+    "initial_step": Unsupported("start a new run from weights with network_weights, or resume a state exactly "
+                                "with resume = \"…-state\"."),
+    "skip_until_initial_step": Unsupported("resume = \"…-state\" continues at the exact step and sample."),
+    "save_n_epoch_ratio": Unsupported("use save_every_n_epochs or save_every_n_steps."),
+    "save_last_n_epochs_state": Unsupported("states are kept as save_state writes them; delete old ones by hand."),
+    "save_last_n_steps_state": Unsupported("states are kept as save_state writes them; delete old ones by hand."),
+    "ddp_timeout": Unsupported("the process-group timeout is accelerate's default; set it in accelerate config."),
+    "lr_decay_steps": Unsupported("choose an lr_scheduler by name (linear, cosine, polynomial, …)."),
+    "lr_scheduler_min_lr_ratio": Unsupported("choose an lr_scheduler by name; the schedules decay to 0."),
+    "lr_scheduler_timescale": Unsupported("choose an lr_scheduler by name (the inverse-sqrt schedule is not built in)."),
+    "validate_every_n_epochs": Unsupported("use validation_split with validate_every_n_steps."),
+    "validation_seed": Unsupported("the validation loss uses fixed timesteps and noise from the run's seed."),
+    "max_validation_steps": Unsupported("the whole validation_split is evaluated each time."),
+    "output_config": Unsupported("use --print_config > job.toml: it prints the resolved job as TOML."),
+    "config_file": Unsupported("give the job file on the command line: --config job.toml."),
+    "dataset_class": Unsupported("custom dataset classes are not loaded; describe the data with [[datasets]]."),
+    "learning_rate_te": Unsupported("train_db.py's key; use text_encoder_lr."),
+    "train_text_encoder": Unsupported("train_db.py's key; the text encoder trains unless text_encoder_lr = 0 or "
+                                      "network_train_unet_only = true."),
+    "dataset_repeats": Unsupported("fine_tune.py's key; set num_repeats in the subset."),
+    "full_path": Unsupported("a metadata-preparation option; a subset's metadata_file accepts full paths and names."),
+    "save_state_to_huggingface": Unsupported("uploading to a hub is not supported; the toolkit works offline."),
+    "resume_from_huggingface": Unsupported("downloading from a hub is not supported; the toolkit works offline."),
+    "async_upload": Unsupported("uploading to a hub is not supported; the toolkit works offline."),
+    "huggingface_path_in_repo": Unsupported("uploading to a hub is not supported; the toolkit works offline."),
+    "use_8bit_adam": Unsupported("sd-scripts' old spelling of optimizer_type = \"AdamW8bit\"; write that instead."),
+    "use_lion_optimizer": Unsupported("sd-scripts' old spelling of optimizer_type = \"Lion\"; write that instead."),
+    # they tune sd-scripts' own logging, memory or DDP; nothing to do here
+    "console_log_level": Unsupported("sd-scripts' console logging; pentadactyl logs at INFO.", passed_over=True),
+    "console_log_file": Unsupported("sd-scripts' console logging; redirect the output to keep a log.",
+                                    passed_over=True),
+    "console_log_simple": Unsupported("sd-scripts' console logging.", passed_over=True),
+    "ddp_gradient_as_bucket_view": Unsupported("a DDP tuning flag of sd-scripts.", passed_over=True),
+    "ddp_static_graph": Unsupported("a DDP tuning flag of sd-scripts.", passed_over=True),
+    "no_half_vae": Unsupported("the VAE encodes in float32 always (vae_dtype sets it for sample.py).",
+                               passed_over=True),
+    "cache_text_encoder_outputs": Unsupported("with a frozen text encoder each distinct caption is encoded once "
+                                              "anyway.", passed_over=True),
+    "skip_cache_check": Unsupported("the latent cache checks each image's size and time stamp, which is cheap.",
+                                    passed_over=True),
+    # written by the kohya_ss GUI; sd-scripts itself does not read them
+    "epoch": Unsupported("the kohya_ss GUI's own epoch field, which sd-scripts does not read; the length of "
+                         "training is max_train_epochs or max_train_steps.", passed_over=True),
+    "noise_offset_type": Unsupported("the kohya_ss GUI's choice between noise_offset (\"Original\") and "
+                                     "multires_noise_* (\"Multires\"); the keys it chose are read.",
+                                     passed_over=True),
+    "wandb_run_name": Unsupported("a Weights & Biases run name, used only with log_with = \"wandb\".",
+                                  passed_over=True),
+    "log_tracker_config": Unsupported("a TOML of settings for accelerate's trackers (wandb); TensorBoard needs none.",
+                                      passed_over=True),
+    "log_config": Unsupported("it logs the job's settings to the tracker; the saved file's ss_* metadata and "
+                              "--print_config hold them.", passed_over=True),
+    "log_tracker_name": Unsupported("a tracker run name for accelerate's trackers; TensorBoard runs are named by "
+                                    "log_prefix.", passed_over=True),
 }
 
 def schema(script: str) -> ScriptSchema:
@@ -154,6 +232,11 @@ def parse_cli(argv: list[str], fields: Mapping[str, Field]) -> tuple[str | None,
                 raise ConfigError("command line: --config needs a path to a job TOML file.")
             config = value
         elif key in UNSUPPORTED:
+            off = value is not None and value.strip().lower() in ("false", "no", "0", "0.0", "", "none")
+            if UNSUPPORTED[key].passed_over or off:  # as in a file: `--v2 false` asks for nothing
+                if not off:
+                    log.info(f"command line: --{key} passed over: {UNSUPPORTED[key].reason}")
+                continue
             raise ConfigError(f"command line: --{key} is not supported by pentadactyl: {UNSUPPORTED[key].reason}")
         elif key not in fields:
             raise ConfigError(f"command line: unknown option --{key}.{did_you_mean(key, fields)}")

@@ -44,13 +44,17 @@ class TrainingJob(JobBase, Protocol):
     dynamo_backend: str
     ema_decay: float | None
     enable_bucket: bool
+    enable_wildcard: bool
     flip_aug: bool
     gradient_accumulation_steps: int
     gradient_checkpointing: bool
     huber_c: float
+    huber_scale: float
+    huber_schedule: str
     ip_noise_gamma: float
     ip_noise_gamma_random_strength: bool
     keep_tokens: int
+    keep_tokens_separator: str | None
     learning_rate: float
     log_prefix: str | None
     log_with: str
@@ -68,6 +72,11 @@ class TrainingJob(JobBase, Protocol):
     max_token_length: int
     max_train_epochs: int | None
     max_train_steps: int
+    metadata_author: str | None
+    metadata_description: str | None
+    metadata_license: str | None
+    metadata_tags: str | None
+    metadata_title: str | None
     min_bucket_reso: int
     min_snr_gamma: float | None
     min_timestep: int
@@ -77,6 +86,7 @@ class TrainingJob(JobBase, Protocol):
     no_dataset_metadata: bool
     no_metadata: bool
     noise_offset: float
+    noise_offset_random_strength: bool
     optimizer_args: list[str] | None
     optimizer_type: str
     output_dir: str
@@ -101,6 +111,7 @@ class TrainingJob(JobBase, Protocol):
     save_state: bool
     save_state_on_train_end: bool
     sdpa: bool
+    secondary_separator: str | None
     seed: int
     shuffle_caption: bool
     skip_bad_images: bool
@@ -113,6 +124,7 @@ class TrainingJob(JobBase, Protocol):
     vae_batch_size: int
     validate_every_n_steps: int | None
     validation_split: float
+    weighted_captions: bool
     xformers: bool
 
 

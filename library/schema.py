@@ -7,11 +7,14 @@ plain typed values. Errors name the file, the key and the fix ("did you mean", t
 from __future__ import annotations
 
 import difflib
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from library.errors import ConfigError
+
+log = logging.getLogger("pentadactyl")
 
 # Types a key may have. "path" is a string that names a file or folder; "list[str]" etc. are lists;
 # "float|null" means the value may be left out (None). Choices restrict strings.
@@ -53,6 +56,7 @@ class Field:
     minimum: float | None = None
     maximum: float | None = None
     section: str = "general"  # for documentation only
+    unset: tuple = ()  # values that mean "not set" (sd-scripts' and the GUI's 0 for an interval): the default
 
     def type_words(self) -> str:
         return _TYPE_WORDS[self.type]
@@ -63,6 +67,7 @@ class Unsupported:
     """A key another tool accepts that we deliberately do not; using it is an error with this reason."""
 
     reason: str
+    passed_over: bool = False  # sd-scripts itself does not read it (a GUI's own field): ignored whatever its value
 
 
 def did_you_mean(name: str, candidates) -> str:
@@ -129,11 +134,17 @@ def check_key(key: str, value: Any, fields: Mapping[str, Field], where: str,
     """One key of a table: its checked value, or SWITCHED_OFF for an unsupported key that asks for nothing
     (`v2 = false`, as GUIs and notebooks write); a ConfigError for an unknown or unsupported key or a bad value."""
     if unsupported and key in unsupported:
+        if unsupported[key].passed_over:
+            if not is_off(value):
+                log.info(f"{where}: {key} = {value!r} passed over: {unsupported[key].reason}")
+            return SWITCHED_OFF
         if is_off(value):
             return SWITCHED_OFF
         raise ConfigError(f"{where}: '{key}' is not supported by pentadactyl: {unsupported[key].reason}")
     if key not in fields:
         raise ConfigError(f"{where}: unknown key '{key}'.{did_you_mean(key, fields)}")
+    if any(value == u and type(value) is type(u) for u in fields[key].unset):
+        return SWITCHED_OFF  # e.g. sample_every_n_steps = 0, as kohya_ss writes "never": the default
     return check_value(key, value, fields[key], where)
 
 

@@ -175,3 +175,10 @@ def test_every_bad_key_of_a_file_is_reported_in_one_run(tmp_path):
     assert "line 5: 'mixed_precision' = 'fp8' is not one of" in lines[4]
     assert "[[datasets]] #1: 'resolution' must be an integer or a list of two integers" in lines[5]
     assert "[[datasets.subsets]] #1: unknown key 'num_repeat'. Did you mean 'num_repeats'?" in lines[6]
+
+
+def test_no_key_is_both_a_job_key_and_unsupported():
+    from library.config import UNSUPPORTED
+    from library.scripts import SCRIPTS
+
+    assert not {name: set(UNSUPPORTED) & set(s.fields) for name, s in SCRIPTS.items() if set(UNSUPPORTED) & set(s.fields)}

@@ -58,8 +58,8 @@ def test_unknown_key_and_wrong_type_name_the_place(tmp_path):
     bad_type = {"general": {"shuffle_caption": "yes"}, "datasets": [{"subsets": [{"image_dir": "a"}]}]}
     with pytest.raises(ConfigError, match=r"\[general\].*'shuffle_caption' must be true or false"):
         resolve_datasets({}, bad_type, "job.toml", tmp_path)
-    with pytest.raises(ConfigError, match="metadata_file.*not supported"):
-        resolve_datasets({}, {"datasets": [{"subsets": [{"image_dir": "a", "metadata_file": "m.json"}]}]}, "j", tmp_path)
+    with pytest.raises(ConfigError, match="in_json.*not supported"):
+        resolve_datasets({}, {"datasets": [{"subsets": [{"image_dir": "a", "in_json": "m.json"}]}]}, "j", tmp_path)
     with pytest.raises(ConfigError, match="image_dir' is required"):
         resolve_datasets({}, {"datasets": [{"subsets": [{"num_repeats": 2}]}]}, "j", tmp_path)
     with pytest.raises(ConfigError, match=r"\[\[datasets\]\], not \[datasets\]"):

@@ -123,6 +123,24 @@ def test_adaptive_noise_scale_adds_abs_channel_mean_times_scale_to_the_offset():
     torch.testing.assert_close(nz.sample_noise(latents, torch.Generator().manual_seed(3), 0.1), plain + 0.1 * offset)
 
 
+def test_noise_offset_random_strength_scales_the_offset_by_a_uniform_draw():
+    latents = torch.zeros(1, 2, 2, 2)
+    g = torch.Generator().manual_seed(5)
+    plain, u, offset = torch.randn(1, 2, 2, 2, generator=g), torch.rand(1, generator=g).item(), \
+        torch.randn(1, 2, 1, 1, generator=g)
+    got = nz.sample_noise(latents, torch.Generator().manual_seed(5), 0.1, offset_random_strength=True)
+    torch.testing.assert_close(got, plain + 0.1 * u * offset)
+    assert 0 <= u < 1
+    # over many samples the strength spreads over [0, 0.1): the mean |offset part| is about half the fixed one
+    fixed = [nz.sample_noise(latents, torch.Generator().manual_seed(s), 0.1) for s in range(400)]
+    rand = [nz.sample_noise(latents, torch.Generator().manual_seed(s), 0.1, offset_random_strength=True)
+            for s in range(400)]
+    base = [torch.randn(1, 2, 2, 2, generator=torch.Generator().manual_seed(s)) for s in range(400)]
+    ratio = sum((r - b).abs().mean().item() for r, b in zip(rand, base)) / \
+        sum((f - b).abs().mean().item() for f, b in zip(fixed, base))
+    assert 0.4 < ratio < 0.6
+
+
 # --------------------------------------------------------------------------- debiased estimation
 
 

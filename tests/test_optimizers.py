@@ -89,3 +89,27 @@ def test_min_snr_weights_and_losses():
     c = 0.1
     huber = 2 * c * (torch.sqrt(torch.tensor([1.0, 9.0]) + c * c) - c)
     torch.testing.assert_close(nz.per_sample_loss(pred, target, "huber", c), huber)
+    # sd-scripts' smooth_l1 is the pseudo-Huber without the factor c; l1 the mean absolute error
+    torch.testing.assert_close(nz.per_sample_loss(pred, target, "smooth_l1", c),
+                               2 * (torch.sqrt(torch.tensor([1.0, 9.0]) + c * c) - c))
+    torch.testing.assert_close(nz.per_sample_loss(pred, target, "l1"), torch.tensor([1.0, 3.0]))
+    # one threshold per sample: each sample's loss uses its own c
+    cs = torch.tensor([0.5, 2.0])
+    torch.testing.assert_close(nz.per_sample_loss(pred, target, "huber", cs),
+                               2 * cs * (torch.sqrt(torch.tensor([1.0, 9.0]) + cs * cs) - cs))
+
+
+def test_huber_schedules_by_hand():
+    alphas = nz.sd1_alphas_cumprod()
+    t = torch.tensor([0, 500, 999])
+    a = alphas[t].double()
+    sigma = ((1 - a) / a).sqrt()
+    torch.testing.assert_close(nz.huber_threshold(t, alphas, "snr", 0.1), ((0.9 / (1 + sigma) ** 2) + 0.1).float())
+    # exponential: 1·scale at t = 0, falling to c·scale at t = 1000 (here 999: one step short)
+    exp = nz.huber_threshold(t, alphas, "exponential", 0.1, 2.0)
+    assert exp[0].item() == pytest.approx(2.0)
+    assert exp[1].item() == pytest.approx(2.0 * 0.1 ** 0.5, rel=1e-6)
+    assert exp[2].item() == pytest.approx(2.0 * 0.1 ** (999 / 1000), rel=1e-6)
+    torch.testing.assert_close(nz.huber_threshold(t, alphas, "constant", 0.1, 3.0), torch.full((3,), 0.3))
+    snr = nz.huber_threshold(t, alphas, "snr", 0.1)
+    assert snr[0] > 0.8 and snr[2] < 0.11  # low noise: near 1 (MSE-like); high noise: near c (robust)

@@ -26,7 +26,9 @@ def reference(fields) -> str:
         for key, field in rows:
             default = "—" if field.default is None else f"`{field.default!r}`".replace("'", '"')
             choices = f" One of: {', '.join(map(str, field.choices))}." if field.choices else ""
-            out.append(f"| `{key}` | {field.type} | {default} | {field.help}{choices} |".replace("\n", " "))
+            cells = [f"`{key}`", field.type, default, f"{field.help}{choices}"]
+            # a "|" in a cell (int|list[int], '|||', {a|b}) would end it: Markdown tables take "\|"
+            out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells).replace("\n", " ") + " |")
         out.append("")
     return "\n".join(out)
 

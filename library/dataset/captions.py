@@ -6,17 +6,32 @@ same captions, and resuming mid-epoch reproduces them.
 
 Order of operations (the same as sd-scripts, except where noted):
 1. whole-caption dropout (rate, or every N-th epoch) -> "" (the unconditional caption);
-2. if shuffling, tag dropout or token warm-up is on: split on the separator, keep the first
-   `keep_tokens` tags in place, cut the rest to the warm-up length, shuffle them, drop tags at
-   `caption_tag_dropout_rate`, join with ", ";
-3. prefix and suffix are attached (joined with a space). Unlike sd-scripts, which attaches them before
-   step 2, they stay fixed: a shuffle never moves "photo of hndstyle" into the middle of the tags;
-4. replacements (textual inversion: "<hand>" -> "<hand> <hand1> <hand2>") are applied last.
+2. with `enable_wildcard`: a caption of several lines becomes one of its lines, then each `{a|b|c}`
+   becomes one of its options (`{{` and `}}` are literal braces); the prefix and suffix get their
+   wildcards chosen too. Without it, only the first line is used (the reader already did that);
+3. if shuffling, tag dropout or token warm-up is on, or the caption holds `keep_tokens_separator`:
+   split into tags. With the separator in the caption, the tags before it stay first and the tags
+   after a second separator stay last (`fixed ||| shuffled ||| fixed suffix`), whatever keep_tokens
+   says; otherwise the first `keep_tokens` tags stay first. The middle tags are cut to the warm-up
+   length, shuffled, and dropped at `caption_tag_dropout_rate`; all are joined with ", ". Unlike
+   sd-scripts, the separator is also taken out when nothing is shuffled or dropped (sd-scripts then
+   trains on the text "|||");
+4. prefix and suffix are attached (joined with a space). Unlike sd-scripts, which attaches them before
+   step 2, they stay fixed: a shuffle never moves "photo of hndstyle" into the middle of the tags (a
+   `keep_tokens_separator` inside them is taken out);
+5. `secondary_separator` becomes `caption_separator` (as in sd-scripts): "red hair;;;long hair" is one tag
+   in step 3 and "red hair,long hair" in the end (the same tokens as "red hair, long hair");
+6. replacements (textual inversion: "<hand>" -> "<hand> <hand1> <hand2>") are applied last.
+
+Wildcard and line choices come from a child of the sample's generator (`Generator.spawn`), which leaves
+the generator's own stream untouched: captions without wildcards are shuffled and dropped exactly as
+before wildcards existed.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -42,6 +57,9 @@ class CaptionOptions:
     token_warmup_step: int = 0  # absolute step; fractions of the run are resolved before this point
     prefix: str | None = None
     suffix: str | None = None
+    keep_tokens_separator: str | None = None  # "|||": fixed ||| shuffled ||| fixed suffix
+    secondary_separator: str | None = None  # ";;;": joins tags into one for shuffling and dropout
+    wildcard: bool = False  # enable_wildcard: {a|b|c} and one line of a multi-line caption, chosen per sample
 
 
 def split_tags(caption: str, separator: str = ",") -> list[str]:
@@ -67,9 +85,28 @@ def process_caption(
     if dropped:
         return ""
 
-    if opts.shuffle or opts.tag_dropout_rate > 0 or opts.token_warmup_step > 0:
-        tags = split_tags(caption, opts.separator)
-        fixed, flex = tags[: opts.keep_tokens], tags[opts.keep_tokens :]
+    prefix, suffix = opts.prefix, opts.suffix
+    if opts.wildcard:
+        wild = rng.spawn(1)[0]  # its own stream: the draws below stay what they are without wildcards
+        caption = choose_line(caption, wild)
+        caption = expand_wildcards(caption, wild)
+        prefix = expand_wildcards(prefix, wild) if prefix else prefix
+        suffix = expand_wildcards(suffix, wild) if suffix else suffix
+    else:
+        caption = caption.split("\n")[0]
+
+    kts = opts.keep_tokens_separator
+    split_by_separator = bool(kts) and kts in caption
+    if opts.shuffle or opts.tag_dropout_rate > 0 or opts.token_warmup_step > 0 or split_by_separator:
+        fixed_end: list[str] = []
+        if split_by_separator:
+            parts = caption.split(kts, 2)
+            fixed, flex = split_tags(parts[0], opts.separator), split_tags(parts[1], opts.separator)
+            if len(parts) == 3:  # a third separator and beyond only separate tags
+                fixed_end = [t for part in parts[2].split(kts) for t in split_tags(part, opts.separator)]
+        else:
+            tags = split_tags(caption, opts.separator)
+            fixed, flex = tags[: opts.keep_tokens], tags[opts.keep_tokens :]
         if opts.token_warmup_step > 0 and step < opts.token_warmup_step:
             # grow linearly from token_warmup_min tags at step 0 to all tags at token_warmup_step
             n = math.floor(step * (len(flex) - opts.token_warmup_min) / opts.token_warmup_step) + opts.token_warmup_min
@@ -79,15 +116,78 @@ def process_caption(
         if opts.tag_dropout_rate > 0:
             keep = rng.random(len(flex)) >= opts.tag_dropout_rate
             flex = [t for t, k in zip(flex, keep) if k]
-        caption = ", ".join(fixed + flex)
+        caption = ", ".join(fixed + flex + fixed_end)
 
-    if opts.prefix:
-        caption = f"{opts.prefix} {caption}" if caption else opts.prefix
-    if opts.suffix:
-        caption = f"{caption} {opts.suffix}" if caption else opts.suffix
+    if kts:
+        prefix = _without(prefix, kts) if prefix else prefix
+        suffix = _without(suffix, kts) if suffix else suffix
+    if prefix:
+        caption = f"{prefix} {caption}" if caption else prefix
+    if suffix:
+        caption = f"{caption} {suffix}" if caption else suffix
+    if opts.secondary_separator:
+        caption = caption.replace(opts.secondary_separator, opts.separator)
     for old, new in (replacements or {}).items():
         caption = caption.replace(old, new)
     return caption
+
+
+def _without(text: str, separator: str) -> str:
+    """`text` with a keep-tokens separator taken out: "trigger |||" -> "trigger", "a ||| b" -> "a, b"."""
+    return ", ".join(p.strip() for p in text.split(separator) if p.strip())
+
+
+_WILDCARD = re.compile(r"\{([^}]+)\}")
+
+
+def choose_line(caption: str, rng: np.random.Generator) -> str:
+    """One line of a multi-line caption, chosen with `rng` (enable_wildcard); a one-line caption as it is."""
+    if "\n" not in caption:
+        return caption
+    lines = caption.split("\n")
+    return lines[int(rng.integers(len(lines)))]
+
+
+def _brace_marks(text: str) -> tuple[str, str]:
+    """Two strings that do not occur in `text`, to stand for the literal braces `{{` and `}}`."""
+    left, right = "\ue000", "\ue001"  # private-use characters
+    while left in text or right in text:
+        left, right = left + "\ue000", right + "\ue001"
+    return left, right
+
+
+def expand_wildcards(text: str, rng: np.random.Generator) -> str:
+    """Each `{a|b|c}` of `text` replaced by one of its options, chosen with `rng` left to right (sd-scripts'
+    enable_wildcard). `{{` and `}}` are literal braces; options are taken as written, spaces included."""
+    if "{" not in text:
+        return text
+    left, right = _brace_marks(text)
+    text = text.replace("{{", left).replace("}}", right)
+
+    def pick(match: re.Match) -> str:
+        options = match.group(1).split("|")
+        return options[int(rng.integers(len(options)))]
+
+    return _WILDCARD.sub(pick, text).replace(left, "{").replace(right, "}")
+
+
+def wildcard_options(text: str) -> list[list[str]]:
+    """The option lists of the wildcards of `text`, in order (for checks and the longest caption)."""
+    left, right = _brace_marks(text)
+    escaped = text.replace("{{", left).replace("}}", right)
+    return [m.group(1).split("|") for m in _WILDCARD.finditer(escaped)]
+
+
+def longest_wildcard_texts(text: str) -> list[str]:
+    """Each line of a wildcard caption with every wildcard at its longest option: the longest texts it can
+    give (what a caption-length check needs)."""
+    out = []
+    for line in text.split("\n"):
+        left, right = _brace_marks(line)
+        escaped = line.replace("{{", left).replace("}}", right)
+        longest = _WILDCARD.sub(lambda m: max(m.group(1).split("|"), key=len), escaped)
+        out.append(longest.replace(left, "{").replace(right, "}"))
+    return out
 
 
 def fill_template(template: str, tokens: str) -> str:
@@ -133,8 +233,9 @@ def find_caption_file(image: Path, extensions: tuple[str, ...]) -> Path | None:
     return None
 
 
-def read_caption_file(path: Path, strict: bool) -> CaptionRead:
-    """Read a caption file as UTF-8 (a BOM is ignored); multi-line captions use their first line.
+def read_caption_file(path: Path, strict: bool, all_lines: bool = False) -> CaptionRead:
+    """Read a caption file as UTF-8 (a BOM is ignored); multi-line captions use their first line, or with
+    `all_lines` (enable_wildcard) keep every non-empty line, stripped, joined with "\\n".
 
     An empty file is a warning (the image falls back to class_tokens). A file that is not UTF-8 is a
     warning and is decoded as Windows-1252, which is what such files almost always are; with `strict`
@@ -157,13 +258,19 @@ def read_caption_file(path: Path, strict: bool) -> CaptionRead:
         if strict:
             raise DatasetError(msg + "; write a caption or delete the file (then class_tokens is used).")
         return CaptionRead(None, path, msg + "; using the subset's class_tokens instead.")
-    return CaptionRead(lines[0], path, warning)
+    return CaptionRead("\n".join(lines) if all_lines else lines[0], path, warning)
 
 
-def tag_frequency(captions: Iterable[str], separator: str = ",") -> dict[str, int]:
-    """How often each tag occurs across captions (one count per caption), for ss_tag_frequency."""
+def tag_frequency(captions: Iterable[str], separator: str = ",",
+                  also: Sequence[str | None] = ()) -> dict[str, int]:
+    """How often each tag occurs across captions (one count per caption), for ss_tag_frequency. The lines of
+    a multi-line caption and the separators in `also` (keep_tokens_separator, secondary_separator) separate
+    tags too."""
     counts: dict[str, int] = {}
+    extra = [s for s in also if s]
     for caption in captions:
-        for tag in split_tags(caption, separator):
+        for other in extra:
+            caption = caption.replace(other, separator)
+        for tag in (t for line in caption.split("\n") for t in split_tags(line, separator)):
             counts[tag] = counts.get(tag, 0) + 1
     return counts

@@ -35,6 +35,10 @@ SUBSET_ONLY_FIELDS: dict[str, Field] = {
     "class_tokens": Field("str", None, "Caption for images without a caption file (and the {} of caption_templates).", section="subset"),
     "is_reg": Field("bool", False, "Regularisation images (prior preservation): balanced against the training images; "
                     "their loss is multiplied by prior_loss_weight.", section="subset"),
+    "metadata_file": Field("path", None, "sd-scripts' fine-tuning metadata JSON ({\"image\": {\"caption\": …, "
+                           "\"tags\": …}}, as merge_captions_to_metadata.py writes it): the subset's images are its "
+                           "keys (a path, or a name in image_dir with or without extension) and their captions "
+                           "\"caption, tags\"; caption files are not read.", section="subset"),
 }
 
 # Keys a subset can have, which may also be given for a whole dataset, in [general] or in the job.
@@ -52,6 +56,16 @@ SUBSET_FIELDS: dict[str, Field] = {
                                minimum=0, section="subset"),
     "caption_prefix": Field("str", None, "Text put before every caption (never shuffled).", section="subset"),
     "caption_suffix": Field("str", None, "Text put after every caption (never shuffled).", section="subset"),
+    "keep_tokens_separator": Field("str", None, "Splits a caption into fixed and shuffled tags: 'a, b ||| c, d, e ||| f' "
+                                   "keeps a, b first and f last and shuffles or drops only c, d, e; the separator "
+                                   "is not trained on. Where a caption has it, keep_tokens is not used. E.g. '|||'.",
+                                   section="subset"),
+    "secondary_separator": Field("str", None, "Joins tags into one for shuffling and tag dropout: 'red hair;;;long "
+                                 "hair' moves and drops as one tag, then is trained as 'red hair,long hair' (the "
+                                 "separator becomes caption_separator). E.g. ';;;'.", section="subset"),
+    "enable_wildcard": Field("bool", False, "Each {a|b|c} in a caption becomes one of its options, and a caption file "
+                             "of several lines one of its lines, chosen per sample and epoch ({{ and }} are literal "
+                             "braces). Off: only the first line is read.", section="subset"),
     "caption_templates": Field("list[str]", None, "Captions for images without a caption file, e.g. ['a photo of a {}']; "
                                "{} becomes class_tokens; one is picked per sample and epoch.", section="subset"),
     "flip_aug": Field("bool", False, "Mirror images left-right at random (cached latents keep both versions).", section="subset"),
@@ -80,7 +94,8 @@ JOB_ONLY_FIELDS: dict[str, Field] = {
     "cache_latents": Field("bool", False, "Encode every image once with the VAE before training.", section="dataset"),
     "cache_latents_to_disk": Field("bool", False, "Keep cached latents beside the images and reuse them in later runs "
                                    "(implies cache_latents).", section="dataset"),
-    "vae_batch_size": Field("int", 1, "Images per VAE call while caching.", minimum=1, section="dataset"),
+    "vae_batch_size": Field("int", 1, "Images per VAE call while caching (0 = the default).", minimum=1, unset=(0,),
+                            section="dataset"),
     "skip_bad_images": Field("bool", True, "Skip (with a warning, counted) images that cannot be read and read "
                              "non-UTF-8 captions as Windows-1252; false makes both errors.", section="dataset"),
     "max_image_pixels": Field("int", DEFAULT_MAX_IMAGE_PIXELS, "Images with more pixels are refused "
@@ -99,11 +114,8 @@ DATASET_JOB_FIELDS: dict[str, Field] = {
 }
 
 UNSUPPORTED_DATASET_KEYS: dict[str, Unsupported] = {
-    "metadata_file": Unsupported("fine-tuning metadata JSON is not read; put captions in .txt files beside the images."),
-    "in_json": Unsupported("fine-tuning metadata JSON is not read; put captions in .txt files beside the images."),
-    "keep_tokens_separator": Unsupported("use keep_tokens (a count of leading tags) instead."),
-    "secondary_separator": Unsupported("not implemented; use caption_separator."),
-    "enable_wildcard": Unsupported("wildcard captions are not implemented; one caption per image."),
+    "in_json": Unsupported("fine_tune.py's metadata JSON: give it to a subset as metadata_file = \"meta.json\" "
+                           "(with image_dir where its images are)."),
     "face_crop_aug_range": Unsupported("face crops are not implemented."),
     "conditioning_data_dir": Unsupported("ControlNet data is not used by SD1.x LoRA/TI/DreamBooth training."),
     "alpha_mask": Unsupported("alpha masks are not used yet: transparent pixels are composited on white."),
@@ -123,6 +135,7 @@ class SubsetConfig:
     is_reg: bool
     caption_extension: str | None  # None: .txt or .caption
     caption: CaptionOptions
+    metadata_file: Path | None  # captions (and the image list) from sd-scripts' fine-tuning JSON
     caption_templates: tuple[str, ...] | None
     token_warmup_step: float  # as written: below 1 it is a fraction of the run, resolved by the dataset
     flip_aug: bool
@@ -217,8 +230,38 @@ def check_bucket_settings(res: tuple[int, int], enable: bool, lo: int, hi: int, 
     return warns
 
 
+def _separators(get, where: str) -> tuple[str | None, str | None]:
+    """keep_tokens_separator and secondary_separator, checked against caption_separator and each other.
+
+    An empty string is no separator (sd-scripts' own default for keep_tokens_separator is "", and its
+    --output_config files write it so), the same as leaving the key out."""
+    tag_sep = get("caption_separator")
+    if not tag_sep:
+        raise ConfigError(f"{where}: 'caption_separator' is empty; use ',' (the default) or leave it out.")
+    out = []
+    for key, example in (("keep_tokens_separator", "|||"), ("secondary_separator", ";;;")):
+        value = get(key)
+        if value is not None and value != "" and not value.strip():
+            raise ConfigError(f"{where}: '{key}' = {value!r} is only white space, which every caption has between "
+                              f"its words; use a mark that appears nowhere else, e.g. {example!r} "
+                              "(or \"\" / leave it out for none).")
+        if value and key == "keep_tokens_separator" and value.strip() == tag_sep.strip():
+            raise ConfigError(f"{where}: '{key}' = {value!r} is the caption_separator itself, so every tag would be "
+                              f"a boundary of the fixed part; use another mark, e.g. {example!r}.")
+        if value and key == "secondary_separator" and tag_sep in value:
+            raise ConfigError(f"{where}: '{key}' = {value!r} contains caption_separator {tag_sep!r}, so the tags it "
+                              f"joins would be cut apart; use a mark without {tag_sep!r}, e.g. {example!r}.")
+        out.append(value or None)
+    keep, secondary = out
+    if keep and secondary and (keep in secondary or secondary in keep):
+        raise ConfigError(f"{where}: keep_tokens_separator {keep!r} and secondary_separator {secondary!r} overlap; "
+                          "one caption mark cannot mean both. Use e.g. '|||' and ';;;'.")
+    return keep, secondary
+
+
 def _caption_options(get, where: str) -> CaptionOptions:
     warmup = get("token_warmup_step")
+    keep_sep, secondary_sep = _separators(get, where)
     return CaptionOptions(
         separator=get("caption_separator"),
         shuffle=get("shuffle_caption"),
@@ -231,6 +274,9 @@ def _caption_options(get, where: str) -> CaptionOptions:
         token_warmup_step=int(warmup) if warmup >= 1 else 0,
         prefix=get("caption_prefix"),
         suffix=get("caption_suffix"),
+        keep_tokens_separator=keep_sep,
+        secondary_separator=secondary_sep,
+        wildcard=get("enable_wildcard"),
     )
 
 
@@ -258,8 +304,13 @@ def _make_subset(layers: list[Mapping[str, Any]], base_dir: Path, where: str) ->
         if not templates or any("{}" not in t for t in templates):
             raise ConfigError(f"{where}: every caption template needs a '{{}}' where the class_tokens go, "
                               f"e.g. 'a photo of a {{}}'; got {templates!r}.")
+    metadata = get("metadata_file")
+    if metadata is not None:
+        metadata = Path(metadata).expanduser()
+        metadata = metadata if metadata.is_absolute() else base_dir / metadata
     return SubsetConfig(
         image_dir=path,
+        metadata_file=metadata,
         num_repeats=get("num_repeats"),
         class_tokens=get("class_tokens"),
         is_reg=get("is_reg"),

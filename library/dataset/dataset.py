@@ -18,7 +18,9 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 
 from library.dataset import describe
-from library.dataset.captions import CaptionOptions, base_caption, base_captions, process_caption
+from library.dataset.captions import (
+    CaptionOptions, base_caption, base_captions, longest_wildcard_texts, process_caption,
+)
 from library.dataset.config import DatasetConfig, SubsetConfig
 from library.dataset.latents import Latents, LatentStore
 from library.dataset.plan import (  # SampleDraws is also imported from here (bench/bench_dataset.py)
@@ -35,6 +37,11 @@ from library.dataset.sources import ImageEntry, SubsetReport, bucket_list, descr
 from library.errors import DatasetError
 
 log = logging.getLogger("pentadactyl.dataset")
+
+def _longest(text: str | None) -> str | None:
+    """A one-line text with each wildcard at its longest option."""
+    return longest_wildcard_texts(text)[0] if text else text
+
 
 # Metadata keys that reveal the training data; a user can ask for them to be left out of files.
 DATASET_REVEALING_KEYS = ("ss_dataset_dirs", "ss_tag_frequency", "ss_datasets", "ss_bucket_info")
@@ -240,14 +247,18 @@ class TrainDataset:
 
     def full_captions(self) -> Iterator[tuple[Path, str]]:
         """(image path, caption) for every usable image and each of its templates, with every tag kept: the
-        longest text each sample can be trained with (what a caption-length check needs)."""
+        longest text each sample can be trained with (what a caption-length check needs). With enable_wildcard,
+        each line of the caption with every wildcard at its longest option (the prefix's and suffix's too)."""
         for e in self._live():
             sub = self.subset_of(e)
             whole = replace(sub.caption, dropout_rate=0.0, tag_dropout_rate=0.0, dropout_every_n_epochs=0,
-                            token_warmup_step=0, shuffle=False)
+                            token_warmup_step=0, shuffle=False, wildcard=False)
+            if sub.caption.wildcard:
+                whole = replace(whole, prefix=_longest(whole.prefix), suffix=_longest(whole.suffix))
             for base in base_captions(e.caption, sub.class_tokens, self._templates(sub), self.template_token):
-                yield e.path, process_caption(base, whole, caption_rng(self.seed, 1), epoch=1,
-                                              replacements=self.caption_replacements)
+                for text in longest_wildcard_texts(base) if sub.caption.wildcard else [base]:
+                    yield e.path, process_caption(text, whole, caption_rng(self.seed, 1), epoch=1,
+                                                  replacements=self.caption_replacements)
 
     # ---- pixels and latents ---------------------------------------------------------------------
 

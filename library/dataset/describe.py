@@ -42,7 +42,8 @@ def folder_tag_frequency(configs: Sequence[DatasetConfig], live: Sequence[ImageE
         for s, sub in enumerate(ds.subsets):
             caps = [e.caption if e.caption is not None else (sub.class_tokens or "") for e in _of_subset(live, d, s)]
             merged = out.setdefault(sub.image_dir.name, {})  # one folder in two datasets: counts add up
-            for tag, n in tag_frequency(caps, sub.caption.separator).items():
+            also = (sub.caption.keep_tokens_separator, sub.caption.secondary_separator)
+            for tag, n in tag_frequency(caps, sub.caption.separator, also).items():
                 merged[tag] = merged.get(tag, 0) + n
     return out
 
@@ -67,7 +68,10 @@ def datasets_metadata(configs: Sequence[DatasetConfig]) -> list[dict[str, Any]]:
         "bucket_reso_steps": ds.bucket_reso_steps, "bucket_no_upscale": ds.bucket_no_upscale,
         "subsets": [{"image_dir": s.image_dir.name, "num_repeats": s.num_repeats, "is_reg": s.is_reg,
                      "class_tokens": s.class_tokens, "shuffle_caption": s.caption.shuffle,
-                     "keep_tokens": s.caption.keep_tokens, "flip_aug": s.flip_aug} for s in ds.subsets],
+                     "keep_tokens": s.caption.keep_tokens,
+                     "keep_tokens_separator": s.caption.keep_tokens_separator or "",  # sd-scripts' names and defaults
+                     "secondary_separator": s.caption.secondary_separator, "enable_wildcard": s.caption.wildcard,
+                     "flip_aug": s.flip_aug} for s in ds.subsets],
     } for ds in configs]
 
 
@@ -103,6 +107,12 @@ def summary(configs: Sequence[DatasetConfig], reports: Sequence[Sequence[SubsetR
             opts = [k for k in ("flip_aug", "color_aug", "random_crop") if getattr(sub, k)]
             if sub.caption.shuffle:
                 opts.append(f"shuffle_caption (keep_tokens {sub.caption.keep_tokens})")
+            if sub.caption.keep_tokens_separator:
+                opts.append(f"keep_tokens_separator {sub.caption.keep_tokens_separator!r}")
+            if sub.caption.secondary_separator:
+                opts.append(f"secondary_separator {sub.caption.secondary_separator!r}")
+            if sub.caption.wildcard:
+                opts.append("enable_wildcard")
             if opts:
                 lines.append("    options: " + ", ".join(opts))
     lines.append(totals)

@@ -37,7 +37,7 @@ class ImageEntry:
     size: tuple[int, int]  # (width, height), EXIF-rotated
     file_size: int
     mtime_ns: int
-    caption: str | None  # the caption file's text; None: class_tokens or a template is used
+    caption: str | None  # the caption file's text (every line with enable_wildcard); None: class_tokens or a template
     choice: BucketChoice
     is_reg: bool
     repeats: int  # samples per epoch (regularisation balancing may change it)
@@ -95,20 +95,75 @@ def _unsupported_warnings(folder: Path) -> list[str]:
             f"convert them to PNG or JPEG to train on them."]
 
 
+def read_metadata_file(sub: SubsetConfig, report: SubsetReport) -> dict[Path, str | None]:
+    """sd-scripts' fine-tuning metadata: {image path: caption}. A key is an image path, or a name in image_dir
+    with or without its extension (merge_captions_to_metadata.py writes stems unless --full_path); the caption
+    is "caption, tags" (either alone when the other is missing or empty), as sd-scripts joins them. Keys whose
+    image is missing are left out with a warning; a file that is not such a JSON is an error naming it."""
+    import json
+
+    path = sub.metadata_file
+    where = f"{sub.where}: metadata_file '{path}'"
+    if not path.is_file():
+        raise DatasetError(f"{where}: no such file; give the JSON that merge_captions_to_metadata.py (or "
+                           "prepare_buckets_latents.py) wrote.")
+    try:
+        table = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{where}: not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}.") from None
+    if not isinstance(table, dict):
+        raise DatasetError(f"{where}: expected an object {{\"image\": {{\"caption\": \"…\"}}, …}}, got "
+                           f"{type(table).__name__}.")
+    out: dict[Path, str | None] = {}
+    missing: list[str] = []
+    for key, entry in table.items():
+        if not isinstance(entry, dict):
+            raise DatasetError(f"{where}: the entry of '{key}' is {type(entry).__name__}, not an object with "
+                               "\"caption\" and/or \"tags\".")
+        image = _metadata_image(Path(key).expanduser(), sub.image_dir)
+        if image is None:
+            missing.append(key)
+            continue
+        parts = [str(entry[k]).strip() for k in ("caption", "tags") if entry.get(k) not in (None, "")]
+        out[image] = ", ".join(p for p in parts if p) or None
+    if missing:
+        report.warnings.append(f"{where}: {len(missing)} image(s) it names were not found in '{sub.image_dir}' "
+                               f"and are left out, e.g. {missing[0]}")
+    return out
+
+
+def _metadata_image(key: Path, image_dir: Path) -> Path | None:
+    for candidate in ([key] if key.is_absolute() else [image_dir / key, key]):
+        if candidate.is_file() and candidate.suffix.lower() in IMAGE_EXTENSIONS:
+            return candidate
+        for ext in IMAGE_EXTENSIONS:  # a stem: the image beside it with any supported extension
+            for spelled in (ext, ext.upper()):
+                if (found := candidate.with_name(candidate.name + spelled)).is_file():
+                    return found
+    return None
+
+
 def scan_subset(ds: DatasetConfig, sub: SubsetConfig, ds_index: int, sub_index: int,
                 predefined: list[tuple[int, int]] | None, has_templates: bool) -> SubsetReport:
     """Find, size and caption a subset's images. Raises DatasetError for what cannot be skipped."""
     check_folder(sub.image_dir, f"{sub.where}: image_dir")
     report = SubsetReport(sub.where, sub.image_dir)
-    images = list_images(sub.image_dir)
+    metadata = read_metadata_file(sub, report) if sub.metadata_file is not None else None
+    images = list(metadata) if metadata is not None else list_images(sub.image_dir)
+    if not images and metadata is not None:
+        raise DatasetError(f"{sub.where}: metadata_file '{sub.metadata_file}' names no image that exists "
+                           f"(looked in '{sub.image_dir}'); point image_dir at the folder of its images.")
     if not images:
         others = [p.name for p in sub.image_dir.iterdir() if not p.name.startswith(".")]
         hint = f" It holds {len(others)} other entries, e.g. {sorted(others)[0]}." if others else " It is empty."
         raise DatasetError(f"{sub.where}: image_dir '{sub.image_dir}' contains no images "
                            f"({', '.join(IMAGE_EXTENSIONS)}, any case).{hint}")
     extensions = (sub.caption_extension,) if sub.caption_extension else CAPTION_EXTENSIONS_DEFAULT
-    report.warnings += _orphan_caption_warnings(sub.image_dir, images, extensions)
-    report.warnings += _unsupported_warnings(sub.image_dir)
+    if metadata is None:
+        report.warnings += _orphan_caption_warnings(sub.image_dir, images, extensions)
+        report.warnings += _unsupported_warnings(sub.image_dir)
 
     strict = not ds.skip_bad_images
     uncaptioned: list[Path] = []
@@ -128,14 +183,14 @@ def scan_subset(ds: DatasetConfig, sub: SubsetConfig, ds_index: int, sub_index: 
                 raise DatasetError(msg)
             report.bad_images.append(msg)
             continue
-        caption_file = find_caption_file(path, extensions)
-        caption = None
+        caption_file = None if metadata is not None else find_caption_file(path, extensions)
+        caption = metadata.get(path) if metadata is not None else None
         if caption_file is not None:
-            read = read_caption_file(caption_file, strict)
+            read = read_caption_file(caption_file, strict, all_lines=sub.caption.wildcard)
             caption = read.text
             if read.warning:
                 report.warnings.append(read.warning)
-        source = caption_file.suffix if caption is not None else "none"
+        source = "none" if caption is None else "metadata" if metadata is not None else caption_file.suffix
         report.caption_sources[source] = report.caption_sources.get(source, 0) + 1
         if caption is None:
             uncaptioned.append(path)
@@ -145,8 +200,10 @@ def scan_subset(ds: DatasetConfig, sub: SubsetConfig, ds_index: int, sub_index: 
         ))
     if uncaptioned and sub.class_tokens is None and not has_templates:
         raise DatasetError(
-            f"{sub.where}: {len(uncaptioned)} image(s) have no caption file (looked for {' or '.join(extensions)}), "
-            f"e.g. {uncaptioned[0]}, and the subset has no class_tokens; add caption files or set class_tokens."
+            f"{sub.where}: {len(uncaptioned)} image(s) have no caption "
+            + (f"in {sub.metadata_file}, " if metadata is not None else
+               f"file (looked for {' or '.join(extensions)}), ")
+            + f"e.g. {uncaptioned[0]}, and the subset has no class_tokens; add caption files or set class_tokens."
         )
     if not report.entries:
         raise DatasetError(f"{sub.where}: none of the {len(images)} images in '{sub.image_dir}' could be read; "
@@ -159,7 +216,8 @@ def describe_caption_sources(report: SubsetReport, sub: SubsetConfig, run_templa
 
     `run_templates`: the trainer supplies caption templates (textual inversion) for uncaptioned images.
     """
-    parts = [f"{n} from {src} files" for src, n in sorted(report.caption_sources.items()) if src != "none"]
+    parts = [f"{n} from {sub.metadata_file.name if src == 'metadata' else src + ' files'}"
+             for src, n in sorted(report.caption_sources.items()) if src != "none"]
     missing = report.caption_sources.get("none", 0)
     if missing:
         if sub.caption_templates or run_templates:
@@ -169,5 +227,7 @@ def describe_caption_sources(report: SubsetReport, sub: SubsetConfig, run_templa
         else:
             fallback = "an empty caption: set class_tokens or add caption files"
         parts.append(f"{missing} without a caption file (using {fallback})")
+    if sub.metadata_file is not None:
+        return f"{report.image_dir}: captions: {', '.join(parts)} (metadata_file; caption files are not read)."
     looked = sub.caption_extension or "'.txt' or '.caption' (caption_extension unset)"
     return f"{report.image_dir}: captions: {', '.join(parts)}; looked for {looked}."

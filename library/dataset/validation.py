@@ -2,7 +2,7 @@
 
 `hold_out(dataset, fraction)` removes a deterministic share of each dataset's training images from
 training; `validation_batches(dataset, held)` encodes them once (centre crop, no flip, the first
-template, no caption dropout or shuffle) into batches the loop scores the same way every time.
+template, no caption dropout or shuffle; wildcards chosen once, by a fixed generator) into batches the loop scores the same way every time.
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ def hold_out(dataset: TrainDataset, fraction: float) -> list[int]:
 
 def _caption(dataset: TrainDataset, e: ImageEntry) -> str:
     options = dataset.subset_of(e).caption
-    fixed = CaptionOptions(separator=options.separator, prefix=options.prefix, suffix=options.suffix)
+    fixed = CaptionOptions(separator=options.separator, prefix=options.prefix, suffix=options.suffix,
+                           keep_tokens_separator=options.keep_tokens_separator,
+                           secondary_separator=options.secondary_separator, wildcard=options.wildcard)
     return process_caption(dataset.base_caption(e), fixed, np.random.default_rng(0), epoch=1,
                            replacements=dataset.caption_replacements)
 

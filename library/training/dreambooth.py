@@ -237,8 +237,8 @@ class DreamBoothFull(Method):
 
         meta = dict(metadata)
         if meta:  # no_metadata leaves the file bare
-            meta.update({"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-v1",
-                         "modelspec.title": self.job.output_name, "modelspec.prediction_type": "epsilon"})
+            meta = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-v1",
+                    "modelspec.title": self.job.output_name, "modelspec.prediction_type": "epsilon", **meta}
         save_sd1_single_file(path, self.model, dtype, meta)
         files = [path]
         if self.job.save_diffusers_folder and final:

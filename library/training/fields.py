@@ -29,6 +29,8 @@ TRAINING_FIELDS: dict[str, Field] = {
     "lr_scheduler_power": Field("float", 1.0, "power of the polynomial schedule.", section="training"),
     "noise_offset": Field("float", 0.0, "per-channel noise offset (0.05–0.1 helps very dark/bright images).",
                           minimum=0, section="training"),
+    "noise_offset_random_strength": Field("bool", False, "scale noise_offset by a uniform random factor in [0, 1) "
+                                          "for each sample (sd-scripts draws one per batch).", section="training"),
     "adaptive_noise_scale": Field("float", None, "add this × abs(mean) of each latent channel to noise_offset (per "
                                   "sample and channel, clamped at 0; may be negative); needs noise_offset. "
                                   "Unset = off.", section="training"),
@@ -52,12 +54,24 @@ TRAINING_FIELDS: dict[str, Field] = {
     "min_timestep": Field("int", 0, "lowest timestep sampled.", minimum=0, maximum=999, section="training"),
     "max_timestep": Field("int", 1000, "highest timestep sampled (exclusive).", minimum=1, maximum=1000,
                           section="training"),
-    "loss_type": Field("str", "l2", "l2, huber or smooth_l1.", choices=("l2", "huber", "smooth_l1"),
-                       section="training"),
-    "huber_c": Field("float", 0.1, "scale of the huber / smooth_l1 loss.", minimum=0, section="training"),
+    "loss_type": Field("str", "l2", "l2 (MSE), l1, huber (2c·(√(d²+c²) − c)) or smooth_l1 (2·(√(d²+c²) − c)), "
+                       "as sd-scripts defines them; c per sample from huber_schedule.",
+                       choices=("l2", "l1", "huber", "smooth_l1"), section="training"),
+    "huber_c": Field("float", 0.1, "the huber / smooth_l1 threshold c (and the schedules' floor).", minimum=0,
+                     section="training"),
+    "huber_schedule": Field("str", "snr", "c per sample from its timestep: snr ((1 − c)/(1 + σ_t)² + c, σ_t = "
+                            "√((1 − ᾱ_t)/ᾱ_t)), exponential (e^(−αt)·huber_scale, α = −ln(c)/1000) or constant "
+                            "(c·huber_scale).", choices=("snr", "exponential", "constant"), section="training"),
+    "huber_scale": Field("float", 1.0, "scale of the exponential and constant huber schedules.", minimum=0,
+                         section="training"),
     "xformers": Field("bool", False, "use xformers attention (CUDA and the xformers package needed).",
                       section="training"),
     "sdpa": Field("bool", True, "use torch's scaled-dot-product attention (the default).", section="training"),
+    "weighted_captions": Field("bool", False, "read prompt weights in training captions as sampling does: "
+                               "(word:1.2), (word) ×1.1, [word] ÷1.1, \\( \\) literal brackets; each chunk's text-"
+                               "encoder output is scaled by its tokens' weights and rescaled to its unweighted mean "
+                               "(sd-scripts, A1111). Weighted groups must not contain caption_separator when "
+                               "shuffling.", section="training"),
     "ema_decay": Field("float", None, "keep an exponential moving average of the trained weights with this "
                        "decay (e.g. 0.999) and save it instead of the raw weights; unset = off.",
                        minimum=0, maximum=1, section="training"),
@@ -71,14 +85,24 @@ TRAINING_FIELDS: dict[str, Field] = {
 }
 
 SAVING_FIELDS: dict[str, Field] = {
+    "metadata_title": Field("str", None, "modelspec.title of the saved file (default: output_name).",
+                            section="output"),
+    "metadata_author": Field("str", None, "modelspec.author of the saved file.", section="output"),
+    "metadata_description": Field("str", None, "modelspec.description of the saved file.", section="output"),
+    "metadata_license": Field("str", None, "modelspec.license of the saved file.", section="output"),
+    "metadata_tags": Field("str", None, "modelspec.tags of the saved file (comma-separated).", section="output"),
     "save_model_as": Field("str", "safetensors", "file format of the trained weights.", choices=("safetensors",),
                            section="output"),
     "save_precision": Field("str", "fp16", "dtype of saved weights: fp16, bf16 or float (fp32).",
                             choices=("fp16", "bf16", "float"), section="output"),
-    "save_every_n_epochs": Field("int", None, "also save after every N epochs.", minimum=1, section="output"),
-    "save_every_n_steps": Field("int", None, "also save every N steps.", minimum=1, section="output"),
-    "save_last_n_epochs": Field("int", None, "keep only the N newest per-epoch files.", minimum=1, section="output"),
-    "save_last_n_steps": Field("int", None, "keep only the per-step files of the last N steps.", minimum=1,
+    "save_every_n_epochs": Field("int", None, "also save after every N epochs (0 = never, as kohya_ss writes it).",
+                                 minimum=1, unset=(0,), section="output"),
+    "save_every_n_steps": Field("int", None, "also save every N steps (0 = never).", minimum=1, unset=(0,),
+                                section="output"),
+    "save_last_n_epochs": Field("int", None, "keep only the N newest per-epoch files (0 = keep all).", minimum=1,
+                                unset=(0,), section="output"),
+    "save_last_n_steps": Field("int", None, "keep only the per-step files of the last N steps (0 = keep all).",
+                               minimum=1, unset=(0,),
                                section="output"),
     "save_state": Field("bool", False, "also save the full training state (for resume) with each save.",
                         section="output"),
@@ -92,15 +116,18 @@ SAVING_FIELDS: dict[str, Field] = {
     "logging_dir": Field("path", None, "write TensorBoard logs here (loss, lr, grad norm, samples).",
                          section="output"),
     "log_prefix": Field("str", None, "prefix of the TensorBoard run folder name.", section="output"),
-    "log_with": Field("str", "tensorboard", "logger used with logging_dir.", choices=("tensorboard",),
+    "log_with": Field("str", "tensorboard", "logger used with logging_dir (\"\" = the default).",
+                      choices=("tensorboard",), unset=("",),
                       section="output"),
 }
 
 SAMPLING_DURING_TRAINING_FIELDS: dict[str, Field] = {
     "sample_prompts": Field("path", None, "prompt file (.txt/.toml/.json, sd-scripts syntax) sampled during "
                             "training.", section="sampling"),
-    "sample_every_n_steps": Field("int", None, "sample every N steps.", minimum=1, section="sampling"),
-    "sample_every_n_epochs": Field("int", None, "sample after every N epochs.", minimum=1, section="sampling"),
+    "sample_every_n_steps": Field("int", None, "sample every N steps (0 = never).", minimum=1, unset=(0,),
+                                  section="sampling"),
+    "sample_every_n_epochs": Field("int", None, "sample after every N epochs (0 = never).", minimum=1, unset=(0,),
+                                   section="sampling"),
     "sample_at_first": Field("bool", False, "sample before training starts.", section="sampling"),
     "sample_sampler": Field("str", "ddim", "sampler of in-training samples (sd-scripts or A1111 names).",
                             section="sampling"),
@@ -167,6 +194,12 @@ TEXTUAL_INVERSION_FIELDS: dict[str, Field] = {
 }
 
 TI_SAVING_FIELDS: dict[str, Field] = {
+    "metadata_title": Field("str", None, "modelspec.title of the saved file (default: output_name).",
+                            section="output"),
+    "metadata_author": Field("str", None, "modelspec.author of the saved file.", section="output"),
+    "metadata_description": Field("str", None, "modelspec.description of the saved file.", section="output"),
+    "metadata_license": Field("str", None, "modelspec.license of the saved file.", section="output"),
+    "metadata_tags": Field("str", None, "modelspec.tags of the saved file (comma-separated).", section="output"),
     **SAVING_FIELDS,
     "save_model_as": Field("str", "safetensors", "embedding file format: safetensors ({\"emb_params\": [n, 768]}, "
                            "read by A1111, ComfyUI, sd-scripts, diffusers) or pt (A1111's layout).",

@@ -30,6 +30,7 @@ from library.fileio import (
 )
 from library.models.loading import load_sd1, load_vae, use_vae
 from library.text_encoding import encode_texts, long_captions
+from library.training.weighted_captions import encode_weighted_captions, plain_text
 from library.training import noise as nz
 from library.training.metadata import build_metadata
 from library.training.method import Method, MicroBatch, TrainContext
@@ -209,7 +210,7 @@ def set_up(job: TrainingJob, method: Method, accelerator, state: LoadedState | N
     held_out = hold_out(dataset, job.validation_split) if job.validation_split else []
     if is_main:
         log.info(dataset.bucket_table())
-        _warn_long_captions(dataset, model.tokenizer, job.max_token_length)
+        _warn_long_captions(dataset, model.tokenizer, job.max_token_length, job.weighted_captions)
     model.vae.to(device, torch.float32)
     # the validation images are encoded once, before the VAE may leave the device
     validation_set = with_fixed_timesteps(
@@ -279,13 +280,14 @@ def resume(run: Run, state: LoadedState) -> None:
 def encode_captions(run: Run, captions: list[str]) -> torch.Tensor:
     """Text-encoder states of the captions; with a frozen text encoder each distinct caption is encoded once."""
     job, model = run.job, run.model
+    encode = encode_weighted_captions if job.weighted_captions else encode_texts
     if run.method.needs_text_encoder_grad:
         with run.accelerator.autocast():
-            return encode_texts(model.tokenizer, model.text_encoder, captions, job.max_token_length, job.clip_skip)
+            return encode(model.tokenizer, model.text_encoder, captions, job.max_token_length, job.clip_skip)
     missing = [c for c in dict.fromkeys(captions) if c not in run.text_cache]
     if missing:
         with torch.no_grad(), run.accelerator.autocast():
-            states = encode_texts(model.tokenizer, model.text_encoder, missing, job.max_token_length, job.clip_skip)
+            states = encode(model.tokenizer, model.text_encoder, missing, job.max_token_length, job.clip_skip)
         run.text_cache.update(zip(missing, states))
     return torch.stack([run.text_cache[c] for c in captions])
 
@@ -302,7 +304,8 @@ def batch_loss(run: Run, batch: dict, step: int, first_index: int, validation: b
     else:
         t = torch.cat([nz.sample_timesteps(1, job.min_timestep, job.max_timestep, g) for g in gens])
     noise = torch.cat([nz.sample_noise(latents[i:i + 1], g, job.noise_offset, job.adaptive_noise_scale,
-                                       job.multires_noise_iterations, job.multires_noise_discount)
+                                       job.multires_noise_iterations, job.multires_noise_discount,
+                                       job.noise_offset_random_strength)
                        for i, g in enumerate(gens)])
     noise_in = noise  # makes the U-Net's input; input perturbation adds to it, the target stays `noise`
     if job.ip_noise_gamma:
@@ -315,7 +318,9 @@ def batch_loss(run: Run, batch: dict, step: int, first_index: int, validation: b
     with run.accelerator.autocast():
         pred = run.model.unet(noisy.to(run.weight_dtype), t,
                               encoder_hidden_states=context.to(run.weight_dtype)).sample
-    losses = nz.per_sample_loss(pred, noise, job.loss_type, job.huber_c)
+    huber_c = nz.huber_threshold(t, run.alphas_cumprod, job.huber_schedule, job.huber_c, job.huber_scale) \
+        if job.loss_type in ("huber", "smooth_l1") else job.huber_c
+    losses = nz.per_sample_loss(pred, noise, job.loss_type, huber_c)
     weights = batch["loss_weights"].to(device, torch.float32)
     if job.min_snr_gamma:
         weights = weights * nz.min_snr_weights(t, run.alphas_cumprod, job.min_snr_gamma)
@@ -540,9 +545,13 @@ def _train(job: TrainingJob, method: Method, accelerator, state: LoadedState | N
     return finish(run)
 
 
-def _warn_long_captions(dataset, tokenizer, max_token_length: int) -> None:
-    """Captions past max_token_length are cut in training (as in every SD1 UI): say so once, with the worst."""
-    found = long_captions(tokenizer, dataset.full_captions(), max_token_length)
+def _warn_long_captions(dataset, tokenizer, max_token_length: int, weighted: bool = False) -> None:
+    """Captions past max_token_length are cut in training (as in every SD1 UI): say so once, with the worst.
+    With weighted_captions the brackets and weights are not counted (they are not tokens)."""
+    captions = dataset.full_captions()
+    if weighted:
+        captions = ((source, plain_text(text)) for source, text in captions)
+    found = long_captions(tokenizer, captions, max_token_length)
     if not found:
         return
     path, n = found[0]

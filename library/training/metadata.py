@@ -59,6 +59,9 @@ def build_metadata(job: TrainingJob, dataset, method, started: float, step: int,
         "ss_noise_offset": repr(job.noise_offset),
         "ss_min_snr_gamma": repr(job.min_snr_gamma) if job.min_snr_gamma is not None else "None",
         "ss_loss_type": job.loss_type,
+        "ss_huber_schedule": job.huber_schedule,
+        "ss_huber_c": repr(job.huber_c),
+        "ss_huber_scale": repr(job.huber_scale),
         "ss_prior_loss_weight": repr(job.prior_loss_weight),
     }
     meta.update({k: v for k, v in dataset.training_metadata().items()
@@ -67,6 +70,9 @@ def build_metadata(job: TrainingJob, dataset, method, started: float, step: int,
         meta["ss_training_comment"] = job.training_comment
     if job.vae:
         meta.update(vae_metadata(job.vae))
+    for key in ("title", "author", "description", "license", "tags"):  # sd-scripts' metadata_* keys
+        if getattr(job, f"metadata_{key}", None):
+            meta[f"modelspec.{key}"] = getattr(job, f"metadata_{key}")
     for key, value in method.metadata().items():
         meta[key] = value if isinstance(value, str) else json.dumps(value)
     return meta

@@ -12,6 +12,8 @@ draws some of them once per batch from a global generator instead (noted where i
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -33,12 +35,16 @@ def sample_timesteps(batch: int, min_timestep: int, max_timestep: int, generator
 
 def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0,
                  adaptive_noise_scale: float | None = None, multires_iterations: int = 0,
-                 multires_discount: float = 0.3) -> torch.Tensor:
+                 multires_discount: float = 0.3, offset_random_strength: bool = False) -> torch.Tensor:
     """Gaussian noise like `latents` (the U-Net's target): noise_offset adds a per-channel constant (helps very
     dark/bright images), plus adaptive_noise_scale × |channel mean of the latents| when that is set;
-    multires_iterations then makes it pyramid noise. Without the options the draws, and so the noise, are the plain ones."""
+    multires_iterations then makes it pyramid noise. offset_random_strength scales noise_offset by a uniform draw
+    (per sample here; sd-scripts draws one per batch). Without the options the draws, and so the noise, are the
+    plain ones."""
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
     if noise_offset:
+        if offset_random_strength:  # sd-scripts' noise_offset_random_strength: U(0, 1) × noise_offset
+            noise_offset = noise_offset * torch.rand(1, generator=generator).item()
         strength = offset_strength(latents, noise_offset, adaptive_noise_scale)
         noise = noise + strength * torch.randn(latents.shape[0], latents.shape[1], 1, 1, generator=generator)
     if multires_iterations:
@@ -103,15 +109,39 @@ def debiased_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> t
     return 1 / torch.sqrt(snr)
 
 
-def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "l2", huber_c: float = 0.1) -> torch.Tensor:
-    """Mean loss per sample [B]: l2 (MSE), huber (pseudo-Huber with scale huber_c) or smooth_l1."""
+def huber_threshold(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, schedule: str = "snr",
+                    huber_c: float = 0.1, huber_scale: float = 1.0) -> torch.Tensor:
+    """sd-scripts' per-sample huber threshold c [B] from the timesteps: 'snr' (1 − c)/(1 + σ_t)² + c with
+    σ_t = √((1 − ᾱ_t)/ᾱ_t) (c near 1 at low noise, near huber_c at high noise), 'exponential'
+    e^(−αt)·scale with α = −ln(c)/1000 (1 at t = 0, huber_c·scale at t = 1000), or 'constant' c·scale."""
+    t = timesteps.long()
+    if schedule == "snr":
+        a = alphas_cumprod.to(t.device)[t].double()
+        sigma = torch.sqrt((1 - a) / a)
+        return ((1 - huber_c) / (1 + sigma) ** 2 + huber_c).float()
+    if schedule == "exponential":
+        alpha = -math.log(huber_c) / len(alphas_cumprod)
+        return (torch.exp(-alpha * t.double()) * huber_scale).float()
+    if schedule == "constant":
+        return torch.full(t.shape, huber_c * huber_scale, dtype=torch.float32, device=t.device)
+    raise ValueError(f"unknown huber_schedule {schedule!r}")
+
+
+def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "l2",
+                    huber_c: float | torch.Tensor = 0.1) -> torch.Tensor:
+    """Mean loss per sample [B]: l2 (MSE), l1, huber 2c·(√(d²+c²) − c) or smooth_l1 2·(√(d²+c²) − c), with
+    d = pred − target and c a number or one threshold per sample (huber_threshold)."""
     pred, target = pred.float(), target.float()
+    if isinstance(huber_c, torch.Tensor):
+        huber_c = huber_c.float().to(pred.device).view(-1, *([1] * (pred.ndim - 1)))
     if loss_type == "l2":
         elementwise = F.mse_loss(pred, target, reduction="none")
+    elif loss_type == "l1":
+        elementwise = F.l1_loss(pred, target, reduction="none")
     elif loss_type == "huber":
         elementwise = 2 * huber_c * (torch.sqrt((pred - target) ** 2 + huber_c ** 2) - huber_c)
     elif loss_type == "smooth_l1":
-        elementwise = F.smooth_l1_loss(pred, target, reduction="none", beta=huber_c)
+        elementwise = 2 * (torch.sqrt((pred - target) ** 2 + huber_c ** 2) - huber_c)
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
     return elementwise.mean(dim=list(range(1, elementwise.ndim)))

@@ -139,7 +139,7 @@ def _subset_captions(sub) -> list[str | None]:
     out = []
     for image in list_images(Path(sub.image_dir)):
         file = find_caption_file(image, extensions)
-        out.append(read_caption_file(file, strict=False).text if file is not None else None)
+        out.append(read_caption_file(file, strict=False, all_lines=sub.caption.wildcard).text if file is not None else None)
     return out
 
 
