@@ -194,12 +194,6 @@ TEXTUAL_INVERSION_FIELDS: dict[str, Field] = {
 }
 
 TI_SAVING_FIELDS: dict[str, Field] = {
-    "metadata_title": Field("str", None, "modelspec.title of the saved file (default: output_name).",
-                            section="output"),
-    "metadata_author": Field("str", None, "modelspec.author of the saved file.", section="output"),
-    "metadata_description": Field("str", None, "modelspec.description of the saved file.", section="output"),
-    "metadata_license": Field("str", None, "modelspec.license of the saved file.", section="output"),
-    "metadata_tags": Field("str", None, "modelspec.tags of the saved file (comma-separated).", section="output"),
     **SAVING_FIELDS,
     "save_model_as": Field("str", "safetensors", "embedding file format: safetensors ({\"emb_params\": [n, 768]}, "
                            "read by A1111, ComfyUI, sd-scripts, diffusers) or pt (A1111's layout).",
