@@ -180,6 +180,15 @@ def test_interrupted_study_resumes_and_reports_as_an_uninterrupted_one(tmp_path,
     # a finished study run again does nothing new; a changed row is refused, not silently mixed
     again = run_study(study, tmp_path / "cut", progress=False)
     assert again.images == resumed.images and lora_marker.stat().st_mtime_ns == kept[0]
+    # the study folder and the base model moved elsewhere: still nothing to redo
+    moved_model = tmp_path / "elsewhere" / tiny_single_file.name
+    moved_model.parent.mkdir()
+    shutil.copyfile(tiny_single_file, moved_model)
+    shutil.copytree(tmp_path / "cut", tmp_path / "moved")
+    moved = run_study(replace(study, model=moved_model), tmp_path / "moved", progress=False)
+    assert moved.images == resumed.images
+    assert (tmp_path / "moved" / "rows" / "lora" / "trained.json").read_text() == lora_marker.read_text()
+    assert (moved.report / "report.md").read_text() == (resumed.report / "report.md").read_text()
     relabelled = replace(study, name="renamed", rows=(study.rows[0], replace(study.rows[1], label="renamed"),
                                                       study.rows[2]))
     assert run_study(relabelled, tmp_path / "cut", progress=False).images == resumed.images  # labels only: kept

@@ -66,6 +66,14 @@ def _read_marker(path: Path) -> dict | None:
         return None
 
 
+def model_identity(study: Study) -> str:
+    """The base model as the job hashes see it: its file (or folder) name and size in bytes."""
+    path = study.model
+    size = path.stat().st_size if path.is_file() else sum(
+        f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+    return f"{path.name}:{size}"
+
+
 def training_job(study: Study, row: Row, out: Path) -> tuple[str, dict[str, Any], str]:
     """A row's training job: (its text, its top-level keys, the hash that says whether it changed).
 
@@ -90,7 +98,9 @@ def training_job(study: Study, row: Row, out: Path) -> tuple[str, dict[str, Any]
         keys.pop("save_every_n_epochs", None)
     elif not keys.get("save_state"):
         keys.pop("save_every_n_steps", None)  # with save_state, the job's own interval saves its state
-    identity = {"script": row.script, "keys": keys, "general": general, "datasets": datasets}
+    # the model by name and size, not by where it lies: moving the project (or the model) retrains nothing
+    identity = {"script": row.script, "keys": {**keys, "pretrained_model_name_or_path": model_identity(study)},
+                "general": general, "datasets": datasets}
     if keys.get("dataset_config") and Path(keys["dataset_config"]).is_file():
         identity["dataset_config"] = _sha256(Path(keys["dataset_config"]).read_text(encoding="utf-8"))
     digest = _sha256(json.dumps(identity, sort_keys=True, default=str))
@@ -144,7 +154,7 @@ def train_row(study: Study, row: Row, out: Path) -> dict:
     for step in row.checkpoints:
         path = final.with_name(f"{keys['output_name']}-step{step:08d}{final.suffix}")
         if step < result.global_step and path.is_file():
-            steps[str(step)] = str(path)
+            steps[str(step)] = path.name
         elif step < result.global_step:
             raise ConfigError(f"row '{row.name}': no file for checkpoint {step} ({path}); the job saved none there")
         elif step > result.global_step:
@@ -152,24 +162,27 @@ def train_row(study: Study, row: Row, out: Path) -> dict:
                         f"({result.global_step} steps); left out")
     if row.checkpoints:  # the save interval's by-products between the asked checkpoints
         for path in final.parent.glob(f"{keys['output_name']}-step*{final.suffix}"):
-            if path.is_file() and str(path) not in steps.values():
+            if path.is_file() and path.name not in steps.values():
                 path.unlink()
     marker = {"job_sha256": digest, "script": row.script, "kind": artifact_kind(row, keys),
-              "output_name": keys["output_name"], "final": str(final), "global_step": result.global_step,
+              "output_name": keys["output_name"], "final": final.name, "global_step": result.global_step,
               "steps": steps, "seconds": round(time.perf_counter() - began, 1)}
     write_text_atomic(marker_path, json.dumps(marker, indent=1) + "\n")
     return marker
 
 
-def points_of(row: Row, marker: dict | None) -> list[Point]:
+def points_of(row: Row, marker: dict | None, folder: Path | None = None) -> list[Point]:
+    """The row's points; the marker's files are named relative to the row's folder (so a moved study folder
+    still finds them), or absolute as earlier markers wrote them."""
     if marker is None:
         return [Point("base", None, "base", None)]
     kind, final_step = marker["kind"], marker["global_step"]
-    points = [Point(f"step{int(step):08d}", int(step), kind, Path(path)) for step, path in marker["steps"].items()]
+    where = (lambda name: folder / name if folder is not None and not Path(name).is_absolute() else Path(name))
+    points = [Point(f"step{int(step):08d}", int(step), kind, where(path)) for step, path in marker["steps"].items()]
     multipliers = row.multipliers if kind == "network" else (1.0,)
     for m in multipliers:
         name = "final" if m == 1.0 else f"final-x{m:g}"
-        points.append(Point(name, final_step, kind, Path(marker["final"]), m))
+        points.append(Point(name, final_step, kind, where(marker["final"]), m))
     return points
 
 
@@ -215,8 +228,9 @@ def sample_point(study: Study, row: Row, point: Point, seeds: tuple[int, ...], o
 
     folder = out / seed_set / "samples" / row.name / point.name
     keys = sample_keys(study, row, point, seeds, folder, marker)
-    identity = _sha256(json.dumps({"weights": marker["job_sha256"] if marker else str(study.model),
-                                   "sample": {k: v for k, v in keys.items() if k not in ("networks", "embeddings")},
+    identity = _sha256(json.dumps({"weights": marker["job_sha256"] if marker else model_identity(study),
+                                   "sample": {k: v for k, v in keys.items() if k not in (
+                                       "networks", "embeddings", "pretrained_model_name_or_path", "output_dir")},
                                    "multiplier": point.multiplier}, sort_keys=True, default=str))
     done = _read_marker(folder / SAMPLED)
     if done is not None and done.get("identity") == identity:
@@ -371,7 +385,7 @@ def run_study(study: Study, out: Path, seed_set: str = "dev", only: tuple[str, .
     database.parent.mkdir(parents=True, exist_ok=True)
     for row in tqdm(rows, desc="study rows", unit="row", disable=not progress):
         marker = train_row(study, row, out) if row.script else None
-        for point in points_of(row, marker):
+        for point in points_of(row, marker, out / "rows" / row.name):
             folder = sample_point(study, row, point, seeds, out, seed_set, marker, progress)
             conn = connect(database)
             try:
