@@ -228,6 +228,17 @@ def test_groups_per_training_step_and_lora_multiplier(conn):
     assert "|  | 200 | all | 6 |" in table and "|  | all | hands:0.5 | 6 |" in table
 
 
+def test_checkpoint_files_of_a_run_are_listed_once_by_step(conn):
+    # a study's run: each training step is its own file, so the LoRA groups would repeat the step groups
+    for step in (100, 200):
+        for seed in range(2):
+            rate(conn, add_image(conn, "lora", "hand", seed, loras=[[f"lora-step{step}", 1.0]], step=step), "ann", 1.0)
+    groups = R.summarize(conn)
+    assert sorted((g.kind, g.training_step) for g in groups) == [("run", None), ("training_step", 100),
+                                                                  ("training_step", 200)]
+    assert R.markdown_table(groups).count("|  | 100 |") == 1
+
+
 def _shared_grid(conn):
     """Runs a and b on prompts P0, P1 × seeds 0, 1, 2; b lacks the cell (P1, 2); c has its own prompt."""
     a = {("P0", 0): 1, ("P0", 1): 1, ("P0", 2): 0.5, ("P1", 0): 0, ("P1", 1): 0.5, ("P1", 2): 1}

@@ -19,8 +19,10 @@ Files:
     folder.py   examples by (seed, index), write_hand_folder (PNG + caption + manifest), read_manifest
     augment.py  blur, noise, colour shift, resampling, JPEG: what generated images suffer
     pretrain.py the script that trained the shipped toy hand model (toy-hands-sd1.safetensors)
-    study.py    the hand study in miniature on that model; report.py its scores, table and plot
-                (matplotlib)
+    prepare.py  the toy study's datasets (prepare_dataset.py toy-hands): clean hands, palms, the base
+                model's generations sorted by the counter
+    study.py    the hand study in miniature on that model: dataset_configs/study_toy.toml through the study
+                runner (library/study/), the same code path as the SD1.5 study
 
 Typical use:
 

@@ -279,8 +279,11 @@ def _groups_of_run(images: list[ImageRecord]) -> list[tuple[str, list[ImageRecor
     if len(steps) > 1:
         groups += [("training_step", [i for i in images if i.training_step == s]) for s in steps]
     labels = sorted({i.loras for i in images})
-    if len(labels) > 1:
-        groups += [("loras", [i for i in images if i.loras == label]) for label in labels]
+    by_label = [[i for i in images if i.loras == label] for label in labels]
+    by_step = [members for kind, members in groups if kind == "training_step"]
+    same = {frozenset(map(id, g)) for g in by_label} == {frozenset(map(id, g)) for g in by_step}
+    if len(labels) > 1 and not same:  # a run's checkpoints are files of their own: those lines are the steps'
+        groups += [("loras", members) for members in by_label]
     return groups
 
 

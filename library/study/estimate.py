@@ -101,10 +101,9 @@ FIGURES: tuple[ModelFigures, ...] = (
     ModelFigures(
         "toy hand model", 1_489_028,
         train={
-            # toy_hands.study (python -m toy_hands.study), 2 CPU cores of the same Xeon, fp32, 64×64, batch
-            # 8: 60–113 s per 300-step training run (line 164); the slowest, 113 s / 300 = 0.377 s/step
-            # (bench/toy_study/results.md: contrastive negative TI 113 s, LoCon conv + TE 112 s), whole runs
-            # with loading, caching and saving
+            # the first toy study driver, 2 CPU cores of the same Xeon with 2 threads, fp32, 64×64, batch 8:
+            # 60–113 s per 300-step training run (bench/RESULTS.md, "The study in miniature"); the slowest,
+            # 113 s / 300 = 0.377 s/step (contrastive negative TI), whole runs with loading, caching and saving
             "adapter": {"no": Measured(113 / 300, 64, 64, 8, "toy study, 300-step runs, fp32")},
             # toy_hands.pretrain run 2, 2 CPU cores of the same Xeon, fp32, 64×64, batch 32, every U-Net and
             # text-encoder weight: 0.55–0.65 s/step (line 136); the slower end
