@@ -53,7 +53,6 @@ def main() -> None:
 
     from library.cli import setup_logging
     from library.config import load_job
-    from library.models.loading import load_sd1
     from library.toy_data import write_shape_folder
     from library.training.loop import train
     from library.training.network_method import NetworkMethod
@@ -68,9 +67,15 @@ def main() -> None:
     images = work / "images"
     if not images.is_dir():
         write_shape_folder(images, count=4, size=(256, 256))
-    load = load_sd1(model, dtype=torch.float32)
-    print(f"model load (file → modules, fp16 → fp32): {load.load_seconds:.2f} s")
-    del load
+    # the load alone, in a process of its own, so that the training runs' peak RSS below is their own
+    import subprocess
+
+    probe = ("import sys, resource, torch; sys.path.insert(0, sys.argv[1]); "
+             "from library.models.loading import load_sd1; m = load_sd1(sys.argv[2], dtype=torch.float32); "
+             "print(f'{m.load_seconds:.2f} s, peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB')")
+    loaded = subprocess.run([sys.executable, "-c", probe, str(Path(__file__).resolve().parent.parent), str(model)],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    print(f"model load (file → modules, fp16 → fp32, own process): {loaded}")
     results = {}
     for precision in args.precisions.split(","):
         toml = work / f"job-{precision}.toml"

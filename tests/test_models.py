@@ -166,3 +166,21 @@ def test_tiny_model_forward_runs_with_loaded_modules(tiny_single_file):
         noise = model.unet(latents, torch.tensor([10]), encoder_hidden_states=context).sample
     assert context.shape == (1, 77, 64) and latents.shape == (1, 4, 8, 8) and noise.shape == latents.shape
     assert model.vae_scale_factor == 8
+
+
+def test_parts_load_in_their_own_dtype_as_if_cast_after_a_float32_load(tiny_single_file, tiny_model_paths, tmp_path):
+    # an fp16 file, as released checkpoints are: its tensors are converted one at a time as they are read
+    from library.models.loading import load_sd1, save_sd1_single_file
+
+    fp16 = tmp_path / "fp16.safetensors"
+    save_sd1_single_file(fp16, load_sd1(tiny_single_file), torch.float16)
+    dtypes = {"unet": torch.bfloat16, "text_encoder": torch.bfloat16}
+    for source in (fp16, tiny_model_paths[1]):  # a single file, and a diffusers folder
+        reference = load_sd1(source, dtype=torch.float32)
+        mixed = load_sd1(source, dtype=torch.float32, part_dtypes=dtypes)
+        for part, dtype in (("unet", torch.bfloat16), ("text_encoder", torch.bfloat16), ("vae", torch.float32)):
+            ours = getattr(mixed, part).state_dict()
+            theirs = getattr(reference, part).state_dict()
+            assert {v.dtype for v in ours.values() if v.is_floating_point()} == {dtype}, (source, part)
+            # bit-exact by construction: fp16 → fp32 is exact, so converting once or twice rounds the same
+            assert all(torch.equal(ours[k], theirs[k].to(ours[k].dtype)) for k in theirs), (source, part)

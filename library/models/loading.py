@@ -93,17 +93,23 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------- loading
 
 
-def load_sd1(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> SD1Model:
-    """Load an SD1.x single file or diffusers folder; modules are returned on the CPU in `dtype`."""
+def load_sd1(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+             part_dtypes: Mapping[str, torch.dtype] | None = None) -> SD1Model:
+    """Load an SD1.x single file or diffusers folder; modules are returned on the CPU in `dtype`, or per part
+    in `part_dtypes` ({"unet": torch.bfloat16, …}: a frozen U-Net in the compute dtype from the first byte read).
+
+    A .safetensors file is read one tensor at a time, each converted to its part's dtype at once, so the
+    file's own precision and the target's are never both held for the whole model."""
     import diffusers  # noqa: F401  (import time is not load time: keep it out of the measurement)
     import transformers  # noqa: F401
 
     start = time.perf_counter()
     path = Path(path)
+    dtypes = {part: (part_dtypes or {}).get(part, dtype) for part in DIFFUSERS_PARTS}
     if path.is_dir():
-        model = _load_diffusers_folder(path, dtype)
+        model = _load_diffusers_folder(path, dtypes)
     else:
-        model = _load_single_file(path, dtype)
+        model = _load_single_file(path, dtypes)
     model.load_seconds = time.perf_counter() - start
     for m in (model.unet, model.vae, model.text_encoder):
         m.requires_grad_(False)
@@ -111,17 +117,74 @@ def load_sd1(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> SD1
     return model
 
 
-def _load_single_file(path: Path, dtype: torch.dtype) -> SD1Model:
-    state = read_state_dict(path)
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _read_converted(path: Path, dtypes: Mapping[str, torch.dtype]) -> dict[str, torch.Tensor]:
+    """The file's tensors, each converted to its part's dtype as it is read (safetensors only).
+
+    The file is memory-mapped (no copy of the raw bytes) and each tensor's pages are handed back to the system
+    as soon as it is converted: a mapped file's pages count in the process's memory, so keeping the whole map
+    while filling float32 modules from a 2 GB fp16 file would hold both (2 + 4 GB) at the peak."""
+    import json as _json
+    import mmap
+    import warnings
+
+    prefixes = ((arch.UNET_PREFIX, dtypes["unet"]), (arch.VAE_PREFIX, dtypes["vae"]),
+                (arch.TEXT_PREFIX, dtypes["text_encoder"]))
+    size = path.stat().st_size
+    broken = (f"{path}: not a readable safetensors file ({size} bytes; {{}}). It is probably truncated (an "
+              "interrupted download or copy): download or copy it again.")
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        header_size = int.from_bytes(mapped[:8], "little") if size >= 8 else -1
+        if not 0 < header_size <= size - 8:
+            raise ModelLoadError(broken.format("its header is cut off or not a safetensors header"))
+        try:
+            header = _json.loads(mapped[8:8 + header_size])
+        except ValueError as exc:
+            raise ModelLoadError(broken.format(f"its header is not JSON: {exc}")) from None
+        start = 8 + header_size
+        state = {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            begin, end = (start + o for o in info["data_offsets"])
+            dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+            if dtype is None or end > size:
+                raise ModelLoadError(broken.format(f"tensor {key} is {'cut off' if dtype else info['dtype']}"))
+            if end == begin:
+                state[key] = torch.empty(info["shape"], dtype=dtype)
+                continue
+            with warnings.catch_warnings():  # a read-only buffer: the tensor is only read, then converted
+                warnings.simplefilter("ignore", UserWarning)
+                raw = torch.frombuffer(mapped, dtype=torch.uint8, count=end - begin, offset=begin)
+            tensor = raw.view(dtype).reshape(info["shape"])
+            wanted = next((d for prefix, d in prefixes if key.startswith(prefix)), None)
+            state[key] = tensor.to(wanted, copy=True) if wanted is not None and tensor.is_floating_point() \
+                else tensor.clone()
+            del raw, tensor
+            aligned = begin - begin % mmap.PAGESIZE
+            mapped.madvise(mmap.MADV_DONTNEED, aligned, end - aligned)
+    return state
+
+
+def _load_single_file(path: Path, dtypes: Mapping[str, torch.dtype]) -> SD1Model:
+    if path.suffix.lower() == ".safetensors" and path.is_file() and path.stat().st_size > 0:
+        state = _read_converted(path, dtypes)
+    else:
+        state = read_state_dict(path)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     configs = arch.infer_configs(shapes, str(path))
     _refuse_other_unet_inputs(configs.unet, configs.vae["latent_channels"], path)
     unet = arch.build_unet(configs.unet, empty=True)
     vae = arch.build_vae(configs.vae, empty=True)
     text = arch.build_text_encoder(configs.text, empty=True)
-    _assign(unet, ldm_keys.unet_from_ldm(state, configs.unet), dtype, path, "U-Net")
-    _assign(vae, ldm_keys.vae_from_ldm(state, configs.vae), dtype, path, "VAE")
-    _assign(text, ldm_keys.text_from_ldm(state, ldm_keys.text_module_prefix(text)), dtype, path, "text encoder")
+    _assign(unet, ldm_keys.unet_from_ldm(state, configs.unet), dtypes["unet"], path, "U-Net")
+    _assign(vae, ldm_keys.vae_from_ldm(state, configs.vae), dtypes["vae"], path, "VAE")
+    _assign(text, ldm_keys.text_from_ldm(state, ldm_keys.text_module_prefix(text)), dtypes["text_encoder"], path,
+            "text encoder")
     known = (arch.UNET_PREFIX, arch.VAE_PREFIX, arch.TEXT_PREFIX)
     ignored = sorted(k for k in state if not k.startswith(known))
     return SD1Model(unet, vae, text, load_tokenizer(), str(path), extra={"ignored_keys": ignored})
@@ -164,7 +227,7 @@ def _assign(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], dtype: torc
     module.load_state_dict(converted, strict=True, assign=True)
 
 
-def _load_diffusers_folder(path: Path, dtype: torch.dtype) -> SD1Model:
+def _load_diffusers_folder(path: Path, dtypes: Mapping[str, torch.dtype]) -> SD1Model:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -184,9 +247,10 @@ def _load_diffusers_folder(path: Path, dtype: torch.dtype) -> SD1Model:
     vae_cfg = json.loads((path / "vae" / "config.json").read_text())
     _refuse_other_unet_inputs(unet_cfg, vae_cfg.get("latent_channels", 4), path)
     try:
-        unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype, local_files_only=True)
-        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, local_files_only=True)
-        text = CLIPTextModel.from_pretrained(path / "text_encoder", dtype=dtype, local_files_only=True)
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtypes["unet"], local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtypes["vae"], local_files_only=True)
+        text = CLIPTextModel.from_pretrained(path / "text_encoder", dtype=dtypes["text_encoder"],
+                                             local_files_only=True)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"{path}: cannot load the diffusers folder: {exc}") from None
     tokenizer = load_tokenizer(path / "tokenizer" if (path / "tokenizer" / "vocab.json").is_file() else None)

@@ -143,7 +143,7 @@ def run_sample_job(job: SampleJob, progress: bool = True) -> SampleJobResult:
 
     vae = load_vae(job.vae, dtype) if job.vae else None  # before the checkpoint: a wrong path fails fast
     log.info(f"loading {job.pretrained_model_name_or_path}")
-    model = load_sd1(job.pretrained_model_name_or_path, dtype)
+    model = load_sd1(job.pretrained_model_name_or_path, dtype, part_dtypes={"vae": vae_dtype})  # VAE never rounded
     if vae is not None:
         use_vae(model, vae, job.vae)
         log.info(f"VAE: {job.vae}")

@@ -178,7 +178,11 @@ def set_up(job: TrainingJob, method: Method, accelerator, state: LoadedState | N
 
     # ---- model and method
     vae = load_vae(job.vae) if job.vae else None  # before the checkpoint: a wrong path fails fast
-    model = load_sd1(job.pretrained_model_name_or_path, dtype=torch.float32)
+    # the frozen U-Net / text encoder in the compute dtype from the first byte read (no float32 copy first);
+    # what the method trains in full, and the VAE (latents are encoded in float32), in float32
+    model = load_sd1(job.pretrained_model_name_or_path, dtype=torch.float32, part_dtypes={
+        part: torch.float32 if part in method.full_precision_parts else weight_dtype
+        for part in ("unet", "text_encoder")})
     if vae is not None:
         use_vae(model, vae, job.vae)
     if is_main:
