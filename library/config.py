@@ -11,8 +11,6 @@ Inner code receives typed values and never re-parses.
 
 from __future__ import annotations
 
-import logging
-
 import json
 import re
 from dataclasses import asdict, is_dataclass
@@ -23,12 +21,10 @@ from typing import Any, Iterable, Mapping
 from library.dataset import resolve_datasets
 from library.errors import ConfigError, PentadactylError
 from library.schema import (
-    SWITCHED_OFF, Field, Unsupported, check_key, check_value, did_you_mean, load_toml, parse_cli_value, raise_all,
-    toml_value,
+    SWITCHED_OFF, Field, Unsupported, check_key, check_unsupported, check_value, did_you_mean, load_toml,
+    parse_cli_value, raise_all, toml_value,
 )
 from library.scripts import SCRIPTS, ScriptSchema
-
-log = logging.getLogger("pentadactyl")
 
 # Tables of a job file that hold datasets rather than job keys.
 DATASET_TABLES = ("general", "datasets")
@@ -231,13 +227,9 @@ def parse_cli(argv: list[str], fields: Mapping[str, Field]) -> tuple[str | None,
             if value is None:
                 raise ConfigError("command line: --config needs a path to a job TOML file.")
             config = value
-        elif key in UNSUPPORTED:
+        elif key in UNSUPPORTED:  # as in a file: `--v2 false` asks for nothing
             off = value is not None and value.strip().lower() in ("false", "no", "0", "0.0", "", "none")
-            if UNSUPPORTED[key].passed_over or off:  # as in a file: `--v2 false` asks for nothing
-                if not off:
-                    log.info(f"command line: --{key} passed over: {UNSUPPORTED[key].reason}")
-                continue
-            raise ConfigError(f"command line: --{key} is not supported by pentadactyl: {UNSUPPORTED[key].reason}")
+            check_unsupported(f"--{key}", f"--{key}", not off, UNSUPPORTED[key], "command line")
         elif key not in fields:
             raise ConfigError(f"command line: unknown option --{key}.{did_you_mean(key, fields)}")
         elif value is None:

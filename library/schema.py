@@ -129,18 +129,22 @@ def check_value(key: str, value: Any, spec: Field, where: str) -> Any:
 SWITCHED_OFF = object()  # check_key's answer for an unsupported key set to a value that switches it off
 
 
+def check_unsupported(named: str, shown: str, value: Any, rule: Unsupported, where: str) -> Any:
+    """An unsupported key (`named` in the error, `shown` in the log line): SWITCHED_OFF when it asks for
+    nothing (an off value, or a key passed over whatever its value), else a ConfigError with the reason."""
+    if rule.passed_over or is_off(value):
+        if rule.passed_over and not is_off(value):
+            log.info(f"{where}: {shown} passed over: {rule.reason}")
+        return SWITCHED_OFF
+    raise ConfigError(f"{where}: {named} is not supported by pentadactyl: {rule.reason}")
+
+
 def check_key(key: str, value: Any, fields: Mapping[str, Field], where: str,
               unsupported: Mapping[str, Unsupported] | None = None) -> Any:
     """One key of a table: its checked value, or SWITCHED_OFF for an unsupported key that asks for nothing
     (`v2 = false`, as GUIs and notebooks write); a ConfigError for an unknown or unsupported key or a bad value."""
     if unsupported and key in unsupported:
-        if unsupported[key].passed_over:
-            if not is_off(value):
-                log.info(f"{where}: {key} = {value!r} passed over: {unsupported[key].reason}")
-            return SWITCHED_OFF
-        if is_off(value):
-            return SWITCHED_OFF
-        raise ConfigError(f"{where}: '{key}' is not supported by pentadactyl: {unsupported[key].reason}")
+        return check_unsupported(f"'{key}'", f"{key} = {value!r}", value, unsupported[key], where)
     if key not in fields:
         raise ConfigError(f"{where}: unknown key '{key}'.{did_you_mean(key, fields)}")
     if any(value == u and type(value) is type(u) for u in fields[key].unset):
