@@ -74,6 +74,10 @@ class ForwardPatch(nn.Module):
         out = self._inner_forward(x, *args, **kwargs)
         if self.multiplier == 0.0:
             return out
+        return self.add_branch(out, x)
+
+    def add_branch(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's output `out` plus what this module adds for input x."""
         branch = self.branch(x)
         return out if branch is None else out + branch.to(out.dtype)
 
@@ -152,6 +156,37 @@ class LoConModule(ForwardPatch):
         if self.training and self.module_dropout > 0.0 and float(torch.rand(())) < self.module_dropout:
             return None
         return self.lora_output(x)
+
+    def add_branch(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # the same draw as branch(): module dropout decides first
+        if self.training and self.module_dropout > 0.0 and float(torch.rand(())) < self.module_dropout:
+            return out
+        if self.lora_mid is not None or (self.training and (self.dropout > 0.0 or self.rank_dropout > 0.0)):
+            return out + self.lora_output(x).to(out.dtype)
+        return self._fused_add(out, x)
+
+    def _fused_add(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """out + multiplier * scale * up(down(x)) with the up-projection and the sum as one matrix product
+        (addmm / baddbmm) on the base output: no separate up output, scaling or addition pass over a tensor
+        the size of the layer's output, and no convolution for the 1x1 up of a LoCon module."""
+        dtype, rank = out.dtype, self.rank
+        weight = self.multiplier * self.scale
+        down, up = self.lora_down.weight.to(dtype), self.lora_up.weight.to(dtype)
+        if not self.is_conv:
+            h = F.linear(x.to(dtype), down)
+            return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, rank), up.t(),
+                               alpha=weight).view(out.shape)
+        h = F.conv2d(x.to(dtype), down, None, self.lora_down.stride, self.lora_down.padding, self.lora_down.dilation)
+        n, channels, height, width = out.shape
+        up = up.view(channels, rank)
+        last = torch.channels_last
+        if out.is_contiguous(memory_format=last) and h.is_contiguous(memory_format=last):
+            # channels-last: (N·H·W, C) views of both, one addmm, viewed back as a channels-last NCHW tensor
+            summed = torch.addmm(out.permute(0, 2, 3, 1).reshape(-1, channels),
+                                 h.permute(0, 2, 3, 1).reshape(-1, rank), up.t(), alpha=weight)
+            return summed.view(n, height, width, channels).permute(0, 3, 1, 2)
+        return torch.baddbmm(out.reshape(n, channels, -1), up.expand(n, channels, rank), h.reshape(n, rank, -1),
+                             alpha=weight).view(out.shape)
 
     def kohya_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {DOWN: self.lora_down.weight.detach(), UP: self.lora_up.weight.detach()}

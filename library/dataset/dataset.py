@@ -295,6 +295,12 @@ class TrainDataset:
         """The VAE that encodes images not in the latent cache while batching."""
         self._store.use_vae(vae, device, dtype, [b for buckets in self._layout.buckets for b in buckets])
 
+    def forget_vae(self) -> None:
+        """Drop the reference to the VAE once every latent is cached (so that its memory can be freed)."""
+        if not self._all_cached():
+            raise RuntimeError("TrainDataset.forget_vae: some latents are not cached; they still need the VAE")
+        self._store.encoder = None
+
     def cache_latents(self, vae: torch.nn.Module, device: torch.device | str, dtype: torch.dtype = torch.float32,
                       to_disk: bool = False, batch_size: int = 1) -> None:
         """Encode every image once (centre or fixed crop, and its mirror image with flip_aug).

@@ -13,6 +13,9 @@ TRAINING_FIELDS: dict[str, Field] = {
     "mixed_precision": Field("str", "no", "no, fp16 (CUDA only, with loss scaling) or bf16. Frozen weights are "
                              "kept in this dtype, trained weights in fp32.", choices=("no", "fp16", "bf16"),
                              section="training"),
+    "cpu_bf16": Field("str", "auto", "on a CPU, mixed_precision = \"bf16\" runs in bf16 only where the CPU has bf16 "
+                      "instructions (AVX512-BF16 or AMX), else in fp32 (faster there; said in the log); \"always\" "
+                      "keeps bf16 anyway, for its smaller memory.", choices=("auto", "always"), section="training"),
     "gradient_checkpointing": Field("bool", False, "recompute activations in backward: less memory, ~30% slower.",
                                     section="training"),
     "max_grad_norm": Field("float", 1.0, "clip the gradient norm to this (0 = no clipping).", minimum=0,

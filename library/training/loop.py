@@ -28,6 +28,7 @@ from library.errors import ConfigError, PentadactylError
 from library.fileio import (
     WRITE_ERRORS, FolderLock, check_writable_folder, remove_stale_temporaries, write_error_reason,
 )
+from library.models.cpu_kernels import use_fast_cpu_convolutions
 from library.models.loading import load_sd1, load_vae, use_vae
 from library.text_encoding import encode_texts, long_captions
 from library.training.weighted_captions import encode_weighted_captions, plain_text
@@ -36,7 +37,7 @@ from library.training.metadata import build_metadata
 from library.training.method import Method, MicroBatch, TrainContext
 from library.training.optimizers import build_optimizer, build_scheduler, check_optimizer_job
 from library.training.runtime import (
-    StopFlag, all_reduce_mean, check_dynamo_backend, ema_update, make_accelerator, peak_memory_text,
+    StopFlag, all_reduce_mean, check_dynamo_backend, choose_precision, ema_update, make_accelerator, peak_memory_text,
     set_attention_backend, tensorboard_writer, weight_dtype_of,
 )
 from library.training.schedule import due_after_step, prune_periodic_files, with_fixed_timesteps
@@ -68,6 +69,8 @@ class TrainResult:
     interrupted: bool = False
     seconds: float = 0.0
     peak_memory: str = ""
+    cache_seconds: float = 0.0  # encoding the latents before the first step (0 when none are cached)
+    precision: str = ""  # the precision the run computed in (mixed_precision, or what the CPU runs faster)
     model: object = None  # the SD1Model with the method applied (for in-process use: grids, tests)
     method: Method | None = None
 
@@ -83,6 +86,7 @@ def train(job: TrainingJob, method: Method) -> TrainResult:
     output folder is writable and no other run uses it, the optimizer exists and fits the schedule, a resumed
     state is readable."""
     started = time.time()
+    job = choose_precision(job)
     accelerator = make_accelerator(job)
     for warning in check_optimizer_job(job):
         if accelerator.is_main_process:
@@ -193,6 +197,8 @@ def set_up(job: TrainingJob, method: Method, accelerator, state: LoadedState | N
     # what the method trains in full stays float32: a round trip through bf16/fp16 would lose the base's low bits
     for part in ("unet", "text_encoder"):
         getattr(model, part).to(device, torch.float32 if part in method.full_precision_parts else weight_dtype)
+    if device.type == "cpu":  # before the method patches layers: its patches then call the faster kernels
+        use_fast_cpu_convolutions(model.unet, weight_dtype)  # the compute dtype (autocast for a full U-Net)
     param_groups = method.setup(ctx)
     if not any(p.requires_grad for g in param_groups for p in g["params"]):
         raise ConfigError(f"{job.source}: nothing to train: every learning rate is 0 or every part is disabled.")
@@ -219,10 +225,17 @@ def set_up(job: TrainingJob, method: Method, accelerator, state: LoadedState | N
     # the validation images are encoded once, before the VAE may leave the device
     validation_set = with_fixed_timesteps(
         validation_batches(dataset, held_out, model.vae, device, job.train_batch_size)) if held_out else []
+    cache_started = time.perf_counter()
     cached = dataset.prepare_latents(model.vae, device, torch.float32, cache=job.cache_latents,
                                      to_disk=job.cache_latents_to_disk, batch_size=job.vae_batch_size)
+    cache_seconds = time.perf_counter() - cache_started if cached else 0.0
+    if cached and is_main:
+        log.info(f"latents of {dataset.num_train_images + dataset.num_reg_images} images ready in {cache_seconds:.1f} s")
     if cached and not job.sample_prompts:
-        model.vae.to("cpu")  # only sampling needs it now
+        # only sampling (or a full checkpoint's save) needs the VAE now: free it; a later use loads it again
+        dataset.forget_vae()
+        model.vae.to("cpu")
+        model.release_vae(lambda: load_vae(job.vae or job.pretrained_model_name_or_path))
 
     # ---- optimizer and schedule
     optimizer = accelerator.prepare_optimizer(
@@ -248,7 +261,8 @@ def set_up(job: TrainingJob, method: Method, accelerator, state: LoadedState | N
         scheduler=scheduler, ema=ema, held_out=held_out, validation_set=validation_set, weight_dtype=weight_dtype,
         batches_per_step=batches_per_step, epoch_batches=epoch_batches,
         batch_size=max(ds.batch_size for ds in dataset.configs), total_steps=total_steps, started=started,
-        result=TrainResult(final_files=[], global_step=0, model=model, method=method),
+        result=TrainResult(final_files=[], global_step=0, model=model, method=method, cache_seconds=cache_seconds,
+                           precision=job.mixed_precision),
         alphas_cumprod=nz.sd1_alphas_cumprod().to(device), output_dir=Path(job.output_dir),
         save_dtype=SAVE_DTYPES[job.save_precision],  # the job's choices are names of this table
         writer=tensorboard_writer(job) if is_main else None,
