@@ -38,6 +38,7 @@ class TrainingJob(JobBase, Protocol):
     caption_templates: list[str] | None
     clip_skip: int
     color_aug: bool
+    cpu_bf16: str
     dataset_config: str | None
     debiased_estimation_loss: bool
     debug_dataset: bool

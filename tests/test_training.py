@@ -184,6 +184,12 @@ def test_periodic_saves_pruning_ema_tensorboard_and_text_cache(tmp_path, tiny_si
     up = next(k for k in saved if k.endswith("lora_up.weight"))
     assert not torch.allclose(saved[up].float(), raw[up].float())
     assert list((tmp_path / "logs").glob("*/events.out.tfevents.*"))
+    # nothing needed the VAE after caching: it was let go, and comes back (the same weights) when asked for
+    from library.models.loading import load_sd1
+
+    assert result.model.__dict__["_vae"] is None
+    fresh = load_sd1(tiny_single_file).vae.state_dict()
+    assert all(torch.equal(v, fresh[k]) for k, v in result.model.vae.state_dict().items())
 
 
 def test_what_falls_due_after_a_step():
