@@ -203,3 +203,41 @@ def test_released_vae_is_loaded_again_when_asked_for(tiny_single_file):
     got = model.vae.state_dict()
     assert calls == [1] and model.vae is model.vae and calls == [1]
     assert all(torch.equal(got[k], v) for k, v in want.items())
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 32), (5, 32), "transposed", (1, 1024, 32)])
+def test_onednn_linear_route_matches_f_linear(shape, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "onednn_linear_is_faster", lambda: True)
+    threads = torch.get_num_threads()
+    if shape == (1, 1024, 32):  # big enough, and two threads: torch then takes oneDNN for the 1×1 convolution
+        torch.set_num_threads(2)
+    try:
+        _check_onednn_linear(shape)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_onednn_linear(shape) -> None:
+    torch.manual_seed(0)
+    plain, routed = nn.Linear(32, 24), nn.Linear(32, 24)
+    routed.load_state_dict(plain.state_dict())
+    model = nn.Sequential(routed)
+    assert cpu_kernels.use_onednn_linears(model) == 1 and cpu_kernels.use_onednn_linears(model) == 1
+    x = torch.randn(32, 6).t() if shape == "transposed" else torch.randn(*shape)  # a non-contiguous input too
+    grad = torch.randn(*x.shape[:-1], 24)
+    want, want_dx, want_dw = _forward_backward(plain, x, grad)
+    got, got_dx, got_dw = _forward_backward(routed, x, grad)
+    assert got.shape == want.shape
+    _close(got, want)
+    _close(got_dx, want_dx)
+    for g, w in zip(got_dw, want_dw):
+        _close(g, w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast and other dtypes keep F.linear
+        assert routed(x).dtype == torch.bfloat16
+    assert torch.equal(routed.double()(x.double()), F.linear(x.double(), routed.weight, routed.bias))
+
+
+def test_onednn_linear_route_stays_off_where_the_probe_finds_no_gain(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "onednn_linear_is_faster", lambda: False)
+    layer = nn.Linear(4, 4)
+    assert cpu_kernels.use_onednn_linears(layer) == 0 and "forward" not in layer.__dict__
