@@ -4,18 +4,14 @@ torch's default CPU convolution (oneDNN) reorders the weight into its own blocke
 U-Net's widest layers at low resolution — 1280 to 2560 input channels at 8×8 or 4×4 latent positions, the
 lowest blocks at 256 px — that reorder costs more than the arithmetic: on a 2-core AMD EPYC a 2560→1280 3×3
 convolution at 4×4 took 112 ms forward + backward through oneDNN and 25 ms as im2col + one matrix product
-(torch's own `thnn_conv2d`), in fp32; 63 against 14 ms in bf16. Larger feature maps are faster through oneDNN,
-and faster still in channels-last memory format (no activation reorders around each call), which the modules
-are switched to here. bench/RESULTS.md has the measurements.
+(torch's own `thnn_conv2d`), in fp32; 63 against 14 ms in bf16. Larger feature maps are faster through oneDNN;
+in bf16, faster still in channels-last memory format (no activation reorders around each call).
+bench/RESULTS.md has the measurements.
 """
 
 from __future__ import annotations
 
-import functools
-import time
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 MAX_POSITIONS = 256  # batch × height × width at or below which a wide convolution goes through im2col
@@ -46,68 +42,6 @@ def use_fast_cpu_convolutions(module: nn.Module, dtype: torch.dtype) -> int:
         conv.forward = _Im2colForward(conv)
         routed += 1
     return routed
-
-
-def use_onednn_linears(module: nn.Module) -> int:
-    """Route `module`'s fp32 Linear layers through oneDNN (as a 1×1 convolution over a free view of the input)
-    where a probe on this CPU finds that faster than torch's fp32 matrix product (MKL, which on AMD CPUs runs
-    about half as fast: 155 against 330 GFLOP/s forward + backward for 1024 tokens × 320 → 320 on a 2-core EPYC).
-    Returns how many layers were routed; 0 where the probe finds no gain. Idempotent."""
-    if not onednn_linear_is_faster():
-        return 0
-    routed = 0
-    for linear in module.modules():
-        if type(linear) is not nn.Linear:
-            continue
-        if isinstance(linear.__dict__.get("forward"), _OneDnnLinearForward):
-            routed += 1
-        elif "forward" not in linear.__dict__:  # already patched by something else (a network): leave it
-            linear.forward = _OneDnnLinearForward(linear)
-            routed += 1
-    return routed
-
-
-def _linear_as_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear(x, weight, bias) computed by oneDNN's 1×1 convolution: [T, C] is viewed as a channels-last
-    [1, C, T, 1] image, so neither the input nor the output is copied."""
-    flat = x.reshape(-1, x.shape[-1]).contiguous()
-    image = flat.view(1, flat.shape[0], 1, flat.shape[1]).permute(0, 3, 1, 2)
-    out = F.conv2d(image, weight.reshape(*weight.shape, 1, 1), bias)
-    return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], weight.shape[0])
-
-
-@functools.cache
-def onednn_linear_is_faster() -> bool:
-    """Time one typical fp32 layer (1024 tokens, 320 → 320, forward + backward) both ways on this CPU, once."""
-    if not torch.backends.mkldnn.is_available() or torch.get_num_threads() < 2:
-        return False  # with one thread torch takes its own 1×1 kernel: nothing to gain
-    generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(320, 320, generator=generator) * 0.05
-    x = torch.randn(1024, 320, generator=generator).requires_grad_(True)
-
-    def best(fn) -> float:
-        times = []
-        for _ in range(4):
-            begun = time.perf_counter()
-            fn(x, weight, None).sum().backward()
-            times.append(time.perf_counter() - begun)
-        return min(times[1:])
-
-    return best(_linear_as_conv) < 0.8 * best(F.linear)
-
-
-class _OneDnnLinearForward:
-    """A Linear's forward that takes oneDNN for fp32 inputs on the CPU (outside autocast), else F.linear."""
-
-    def __init__(self, linear: nn.Linear) -> None:
-        self.linear = linear
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        linear = self.linear
-        if (x.device.type != "cpu" or x.dtype != torch.float32 or linear.weight.dtype != torch.float32
-                or x.dim() < 2 or torch.is_autocast_enabled("cpu")):
-            return F.linear(x, linear.weight, linear.bias)
-        return _linear_as_conv(x, linear.weight, linear.bias)
 
 
 class _Im2colForward:

@@ -28,7 +28,7 @@ from library.errors import ConfigError, PentadactylError
 from library.fileio import (
     WRITE_ERRORS, FolderLock, check_writable_folder, remove_stale_temporaries, write_error_reason,
 )
-from library.models.cpu_kernels import use_fast_cpu_convolutions, use_onednn_linears
+from library.models.cpu_kernels import use_fast_cpu_convolutions
 from library.models.loading import load_sd1, load_vae, use_vae
 from library.text_encoding import encode_texts, long_captions
 from library.training.weighted_captions import encode_weighted_captions, plain_text
@@ -199,8 +199,6 @@ def set_up(job: TrainingJob, method: Method, accelerator, state: LoadedState | N
         getattr(model, part).to(device, torch.float32 if part in method.full_precision_parts else weight_dtype)
     if device.type == "cpu":  # before the method patches layers: its patches then call the faster kernels
         use_fast_cpu_convolutions(model.unet, weight_dtype)  # the compute dtype (autocast for a full U-Net)
-        for part in (model.unet, model.text_encoder):  # fp32 layers only; a no-op where MKL is as fast
-            use_onednn_linears(part)
         # the VAE encodes (fp32) in channels-last: 0.95 against 1.17 s per 256 px image on a 2-core EPYC
         model.vae.to(memory_format=torch.channels_last)
     param_groups = method.setup(ctx)
