@@ -95,7 +95,7 @@ FIGURES: tuple[ModelFigures, ...] = (
         }},
         # bench/bench_sampling.py, 2 vCPU Xeon (other jobs running: an upper bound), fp32, 256×256, one
         # image, DDIM 20 steps, CFG 7.5 (two U-Net passes per step), VAE decode included, 1 torch thread:
-        # 114.5 s/image (line 149), i.e. 5.725 s per image per step
+        # 114.5 s/image (line 180), i.e. 5.725 s per image per step
         sample=Measured(114.5 / 20, 256, 256, 1, "bench_sampling.py, fp32, CFG, 1 thread"),
     ),
     ModelFigures(
@@ -106,18 +106,18 @@ FIGURES: tuple[ModelFigures, ...] = (
             # 113 s / 300 = 0.377 s/step (contrastive negative TI), whole runs with loading, caching and saving
             "adapter": {"no": Measured(113 / 300, 64, 64, 8, "toy study, 300-step runs, fp32")},
             # toy_hands.pretrain run 2, 2 CPU cores of the same Xeon, fp32, 64×64, batch 32, every U-Net and
-            # text-encoder weight: 0.55–0.65 s/step (line 250); the slower end
+            # text-encoder weight: 0.55–0.65 s/step (line 281); the slower end
             "full": {"no": Measured(0.65, 64, 64, 32, "toy_hands.pretrain, fp32")},
         },
         # toy_hands.study, 2 CPU cores of the same Xeon, fp32, 64×64, DDIM 30 steps, CFG 7.5, batch 25:
-        # about 0.45 s per image (line 277), i.e. 0.015 s per image per step
+        # about 0.45 s per image (line 308), i.e. 0.015 s per image per step
         sample=Measured(0.45 / 30, 64, 64, 25, "toy study, fp32, CFG, batch 25"),
     ),
     ModelFigures(
         "tiny test model", 1_120_548,
         train={},  # no training figure was recorded for the tiny model
         # bench/bench_sampling.py, 2 vCPU Xeon (other jobs running), fp32, 64×64, one image, DDIM 20 steps,
-        # CFG 7.5, 1 torch thread: 0.54–0.72 s/image (line 148); the slower end, 0.036 s per image per step
+        # CFG 7.5, 1 torch thread: 0.54–0.72 s/image (line 179); the slower end, 0.036 s per image per step
         sample=Measured(0.72 / 20, 64, 64, 1, "bench_sampling.py, fp32, CFG, 1 thread"),
     ),
 )
