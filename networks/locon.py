@@ -158,11 +158,9 @@ class LoConModule(ForwardPatch):
         return self.lora_output(x)
 
     def add_branch(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        # the same draw as branch(): module dropout decides first
-        if self.training and self.module_dropout > 0.0 and float(torch.rand(())) < self.module_dropout:
-            return out
-        if self.lora_mid is not None or (self.training and (self.dropout > 0.0 or self.rank_dropout > 0.0)):
-            return out + self.lora_output(x).to(out.dtype)
+        dropping = self.training and max(self.dropout, self.rank_dropout, self.module_dropout) > 0.0
+        if dropping or self.lora_mid is not None:
+            return super().add_branch(out, x)  # through branch(): the dropouts and the Tucker core
         return self._fused_add(out, x)
 
     def _fused_add(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -196,8 +196,14 @@ def _read_converted(path: Path, dtypes: Mapping[str, torch.dtype],
     return state
 
 
+def _streamable(path: Path) -> bool:
+    """A non-empty .safetensors file, which `_read_converted` reads (anything else goes to `read_state_dict`,
+    whose messages say what is wrong with it)."""
+    return path.suffix.lower() == ".safetensors" and path.is_file() and path.stat().st_size > 0
+
+
 def _load_single_file(path: Path, dtypes: Mapping[str, torch.dtype]) -> SD1Model:
-    if path.suffix.lower() == ".safetensors" and path.is_file() and path.stat().st_size > 0:
+    if _streamable(path):
         state = _read_converted(path, dtypes)
     else:
         state = read_state_dict(path)
@@ -301,8 +307,7 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32, key: s
     if path.is_dir():
         vae = _load_vae_folder(path, dtype, key)
     else:
-        if path.suffix.lower() == ".safetensors" and path.is_file() and path.stat().st_size > 0:
-            # only the VAE's tensors of a whole checkpoint are read
+        if _streamable(path):  # only the VAE's tensors of a whole checkpoint are read
             state = _read_converted(path, {part: dtype for part in DIFFUSERS_PARTS}, select=_vae_keys)
         else:
             state = read_state_dict(path)

@@ -69,7 +69,6 @@ class TrainResult:
     interrupted: bool = False
     seconds: float = 0.0
     peak_memory: str = ""
-    cache_seconds: float = 0.0  # encoding the latents before the first step (0 when none are cached)
     precision: str = ""  # the precision the run computed in (mixed_precision, or what the CPU runs faster)
     model: object = None  # the SD1Model with the method applied (for in-process use: grids, tests)
     method: Method | None = None
@@ -184,9 +183,9 @@ def set_up(job: TrainingJob, method: Method, accelerator, state: LoadedState | N
     vae = load_vae(job.vae) if job.vae else None  # before the checkpoint: a wrong path fails fast
     # the frozen U-Net / text encoder in the compute dtype from the first byte read (no float32 copy first);
     # what the method trains in full, and the VAE (latents are encoded in float32), in float32
-    model = load_sd1(job.pretrained_model_name_or_path, dtype=torch.float32, part_dtypes={
-        part: torch.float32 if part in method.full_precision_parts else weight_dtype
-        for part in ("unet", "text_encoder")})
+    part_dtypes = {part: torch.float32 if part in method.full_precision_parts else weight_dtype
+                   for part in ("unet", "text_encoder")}
+    model = load_sd1(job.pretrained_model_name_or_path, dtype=torch.float32, part_dtypes=part_dtypes)
     if vae is not None:
         use_vae(model, vae, job.vae)
     if is_main:
@@ -195,8 +194,8 @@ def set_up(job: TrainingJob, method: Method, accelerator, state: LoadedState | N
     ctx = TrainContext(job, model, device, weight_dtype, accelerator.process_index, world,
                        accelerator.wait_for_everyone, start_step=state.progress.global_step if state else 0)
     # what the method trains in full stays float32: a round trip through bf16/fp16 would lose the base's low bits
-    for part in ("unet", "text_encoder"):
-        getattr(model, part).to(device, torch.float32 if part in method.full_precision_parts else weight_dtype)
+    for part, dtype in part_dtypes.items():
+        getattr(model, part).to(device, dtype)
     if device.type == "cpu":  # before the method patches layers: its patches then call the faster kernels
         use_fast_cpu_convolutions(model.unet, weight_dtype)  # the compute dtype (autocast for a full U-Net)
     param_groups = method.setup(ctx)
@@ -225,12 +224,8 @@ def set_up(job: TrainingJob, method: Method, accelerator, state: LoadedState | N
     # the validation images are encoded once, before the VAE may leave the device
     validation_set = with_fixed_timesteps(
         validation_batches(dataset, held_out, model.vae, device, job.train_batch_size)) if held_out else []
-    cache_started = time.perf_counter()
     cached = dataset.prepare_latents(model.vae, device, torch.float32, cache=job.cache_latents,
                                      to_disk=job.cache_latents_to_disk, batch_size=job.vae_batch_size)
-    cache_seconds = time.perf_counter() - cache_started if cached else 0.0
-    if cached and is_main:
-        log.info(f"latents of {dataset.num_train_images + dataset.num_reg_images} images ready in {cache_seconds:.1f} s")
     if cached and not job.sample_prompts:
         # only sampling (or a full checkpoint's save) needs the VAE now: free it; a later use loads it again
         dataset.forget_vae()
@@ -261,8 +256,7 @@ def set_up(job: TrainingJob, method: Method, accelerator, state: LoadedState | N
         scheduler=scheduler, ema=ema, held_out=held_out, validation_set=validation_set, weight_dtype=weight_dtype,
         batches_per_step=batches_per_step, epoch_batches=epoch_batches,
         batch_size=max(ds.batch_size for ds in dataset.configs), total_steps=total_steps, started=started,
-        result=TrainResult(final_files=[], global_step=0, model=model, method=method, cache_seconds=cache_seconds,
-                           precision=job.mixed_precision),
+        result=TrainResult(final_files=[], global_step=0, model=model, method=method, precision=job.mixed_precision),
         alphas_cumprod=nz.sd1_alphas_cumprod().to(device), output_dir=Path(job.output_dir),
         save_dtype=SAVE_DTYPES[job.save_precision],  # the job's choices are names of this table
         writer=tensorboard_writer(job) if is_main else None,
