@@ -156,38 +156,25 @@ def _brace_marks(text: str) -> tuple[str, str]:
     return left, right
 
 
+def _sub_wildcards(text: str, choose) -> str:
+    """`text` with each `{a|b|c}` replaced by `choose(options)`, left to right; `{{` and `}}` are literal braces."""
+    left, right = _brace_marks(text)
+    escaped = text.replace("{{", left).replace("}}", right)
+    return _WILDCARD.sub(lambda m: choose(m.group(1).split("|")), escaped).replace(left, "{").replace(right, "}")
+
+
 def expand_wildcards(text: str, rng: np.random.Generator) -> str:
     """Each `{a|b|c}` of `text` replaced by one of its options, chosen with `rng` left to right (sd-scripts'
     enable_wildcard). `{{` and `}}` are literal braces; options are taken as written, spaces included."""
     if "{" not in text:
         return text
-    left, right = _brace_marks(text)
-    text = text.replace("{{", left).replace("}}", right)
-
-    def pick(match: re.Match) -> str:
-        options = match.group(1).split("|")
-        return options[int(rng.integers(len(options)))]
-
-    return _WILDCARD.sub(pick, text).replace(left, "{").replace(right, "}")
-
-
-def wildcard_options(text: str) -> list[list[str]]:
-    """The option lists of the wildcards of `text`, in order (for checks and the longest caption)."""
-    left, right = _brace_marks(text)
-    escaped = text.replace("{{", left).replace("}}", right)
-    return [m.group(1).split("|") for m in _WILDCARD.finditer(escaped)]
+    return _sub_wildcards(text, lambda options: options[int(rng.integers(len(options)))])
 
 
 def longest_wildcard_texts(text: str) -> list[str]:
     """Each line of a wildcard caption with every wildcard at its longest option: the longest texts it can
     give (what a caption-length check needs)."""
-    out = []
-    for line in text.split("\n"):
-        left, right = _brace_marks(line)
-        escaped = line.replace("{{", left).replace("}}", right)
-        longest = _WILDCARD.sub(lambda m: max(m.group(1).split("|"), key=len), escaped)
-        out.append(longest.replace(left, "{").replace(right, "}"))
-    return out
+    return [_sub_wildcards(line, lambda options: max(options, key=len)) for line in text.split("\n")]
 
 
 def fill_template(template: str, tokens: str) -> str:

@@ -288,6 +288,12 @@ def _normalise_extension(ext: str | None, where: str) -> str | None:
     return ext if ext.startswith(".") else "." + ext
 
 
+def _resolve(path: str, base_dir: Path) -> Path:
+    """A path of a job or dataset file: `~` expanded, a relative one taken from the file's folder."""
+    resolved = Path(path).expanduser()
+    return resolved if resolved.is_absolute() else base_dir / resolved
+
+
 def _make_subset(layers: list[Mapping[str, Any]], base_dir: Path, where: str) -> SubsetConfig:
     def get(key: str) -> Any:
         spec = SUBSET_FIELDS.get(key) or SUBSET_ONLY_FIELDS[key]
@@ -296,9 +302,7 @@ def _make_subset(layers: list[Mapping[str, Any]], base_dir: Path, where: str) ->
     image_dir = _lookup("image_dir", layers, None)  # only the subset's own table has it
     if image_dir is None:
         raise ConfigError(f"{where}: 'image_dir' is required: the folder holding this subset's images.")
-    path = Path(image_dir).expanduser()
-    if not path.is_absolute():
-        path = base_dir / path
+    path = _resolve(image_dir, base_dir)
     templates = get("caption_templates")
     if templates is not None:
         if not templates or any("{}" not in t for t in templates):
@@ -306,8 +310,7 @@ def _make_subset(layers: list[Mapping[str, Any]], base_dir: Path, where: str) ->
                               f"e.g. 'a photo of a {{}}'; got {templates!r}.")
     metadata = get("metadata_file")
     if metadata is not None:
-        metadata = Path(metadata).expanduser()
-        metadata = metadata if metadata.is_absolute() else base_dir / metadata
+        metadata = _resolve(metadata, base_dir)
     return SubsetConfig(
         image_dir=path,
         metadata_file=metadata,
@@ -423,12 +426,10 @@ def resolve_datasets(job: Mapping[str, Any], dataset_table: Mapping[str, Any] | 
         raise ConfigError(f"{where}: reg_data_dir needs train_data_dir; with [[datasets]], add a subset with is_reg = true.")
 
     if folder_mode:
-        train = Path(job["train_data_dir"]).expanduser()
-        train = train if train.is_absolute() else base_dir / train
+        train = _resolve(job["train_data_dir"], base_dir)
         tables = folder_mode_subsets(train, False, "train_data_dir")
         if job.get("reg_data_dir") is not None:
-            reg = Path(job["reg_data_dir"]).expanduser()
-            reg = reg if reg.is_absolute() else base_dir / reg
+            reg = _resolve(job["reg_data_dir"], base_dir)
             tables += folder_mode_subsets(reg, True, "reg_data_dir")
         subsets = tuple(_make_subset([cli_layer, t, job_layer], base_dir, f"{where} {t['image_dir']}") for t in tables)
         return [_make_dataset([cli_layer, job_layer], subsets, job, f"{where} train_data_dir")]

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from library.job_types import NetworkJob
-from library.schema import parse_key_values
+from library.training.rules import network_args_of
 from library.training.method import Method, TrainContext
 
 
@@ -37,17 +37,12 @@ class NetworkMethod(Method):
 
         self.job = job
         self.unet_lr, self.te_lr = part_learning_rates(job)
-        args = parse_key_values(job.network_args, "network_args")
-        if job.network_dropout is not None:
-            args.setdefault("dropout", str(job.network_dropout))
+        args = network_args_of(job.network_args, job.network_dropout, "network_args")
         self.lycoris = job.network_module == LYCORIS_MODULE
         if self.lycoris:
             require_lycoris()  # before the model loads
-            self.spec = LycorisSpec.from_args(job.network_dim, job.network_alpha, args,
-                                              train_unet=self.unet_lr > 0, train_text_encoder=self.te_lr > 0)
-        else:
-            self.spec = NetworkSpec.from_args(job.network_dim, job.network_alpha, args,
-                                              train_unet=self.unet_lr > 0, train_text_encoder=self.te_lr > 0)
+        self.spec = (LycorisSpec if self.lycoris else NetworkSpec).from_args(
+            job.network_dim, job.network_alpha, args, train_unet=self.unet_lr > 0, train_text_encoder=self.te_lr > 0)
         self.network = None
 
     @property

@@ -40,16 +40,22 @@ def textual_inversion_rules(values: Mapping[str, Any], given: frozenset[str], da
     return datasets
 
 
+def network_args_of(network_args: list[str] | None, network_dropout: float | None, where: str) -> dict[str, str]:
+    """network_args as settings, with network_dropout as their `dropout` unless they set one."""
+    args = parse_key_values(network_args, where)
+    if network_dropout is not None:
+        args.setdefault("dropout", str(network_dropout))
+    return args
+
+
 def network_rules(values: Mapping[str, Any], given: frozenset[str], datasets: list, source: str) -> list:
     """The LoRA keys between themselves: network_args well-formed (for lycoris.kohya every LyCORIS setting
     checked), networks.locon with its convolution rank, at most one of the two "train only" switches."""
     noise_rules(values, source)
-    args = parse_key_values(values["network_args"], f"{source}: network_args")
-    if values["network_module"] == "lycoris.kohya":
+    args = network_args_of(values["network_args"], values.get("network_dropout"), f"{source}: network_args")
+    if values["network_module"] == "lycoris.kohya":  # networks.lycoris_network.LYCORIS_MODULE (not imported: torch)
         from networks.lycoris_network import parse_lycoris_args
 
-        if values.get("network_dropout") is not None:
-            args.setdefault("dropout", str(values["network_dropout"]))
         try:
             parse_lycoris_args(args)  # the settings only; whether the package is installed: before training
         except ConfigError as error:
