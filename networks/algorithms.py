@@ -21,6 +21,8 @@ A missing alpha means scale 1. A multiplier m gives W + m · (W' − W), as Comf
 
 from __future__ import annotations
 
+import math
+
 from typing import Mapping
 
 import torch
@@ -55,7 +57,7 @@ Parts = Mapping[str, torch.Tensor]
 
 def algorithm_of(parts: Parts) -> str | None:
     """LoRA / LoHa / LoKr / (IA)^3 by the module's tensor names; None when none of them (or several) fit."""
-    found = [name for name, names in _PARTS.items() if any(p in parts for p in names)]
+    found = algorithms_in(parts)
     return found[0] if len(found) == 1 else None
 
 
@@ -147,16 +149,9 @@ def raw_delta(parts: Parts, shape: tuple[int, ...], device: torch.device | str =
         delta = torch.kron(w1.contiguous(), w2.contiguous())
     else:
         raise ValueError(f"raw_delta: {algorithm} is not additive")
-    if _numel(delta.shape) != _numel(shape) or delta.shape[0] != shape[0]:
+    if delta.numel() != math.prod(shape) or delta.shape[0] != shape[0]:
         raise NetworkFileError(f"gives an update of shape {list(delta.shape)}")
     return delta.reshape(shape) * scale
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def fit_problem(parts: Parts, shape: tuple[int, ...]) -> str | None:

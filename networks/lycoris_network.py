@@ -32,6 +32,7 @@ from torch import nn
 
 from library.errors import ConfigError, NetworkFileError
 from networks.names import ALPHA, IA3_ON_INPUT, split_key, to_diffusers_name
+from networks.spec import _number_text
 
 LYCORIS_MODULE = "lycoris.kohya"
 PACKAGE = "lycoris-lora"
@@ -232,11 +233,10 @@ class LycorisSpec:
         return ("DoRA " if self.args.get("dora_wd") else "") + name
 
     def to_metadata(self) -> dict[str, str]:
-        alpha = self.network_alpha
         return {
             "ss_network_module": LYCORIS_MODULE,
             "ss_network_dim": str(self.network_dim),
-            "ss_network_alpha": str(int(alpha)) if float(alpha).is_integer() else str(alpha),
+            "ss_network_alpha": _number_text(self.network_alpha),
             "ss_network_args": json.dumps(dict(self.network_args)),
             "ss_base_model_version": "sd_v1",
             "ss_v2": "False",
@@ -393,11 +393,7 @@ class LycorisKohyaNetwork(nn.Module):
 
     def kohya_state_dict(self) -> dict[str, torch.Tensor]:
         """The package's saved tensors, with kohya names."""
-        tensors = {}
-        for key, value in self.lycoris.state_dict().items():
-            module, part = split_key(key)
-            tensors[f"{self.kohya_names.get(module, module)}.{part}"] = value.detach()
-        return tensors
+        return {self._named(key): value.detach() for key, value in self.lycoris.state_dict().items()}
 
     @torch.no_grad()
     def load_kohya_state_dict(self, tensors: Mapping[str, torch.Tensor], strict: bool = True,
