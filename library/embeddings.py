@@ -230,6 +230,9 @@ def add_embeddings(tokenizer, text_encoder: torch.nn.Module, embeddings: Sequenc
     """
     from transformers import AddedToken
 
+    from library.models.lean import full_token_embedding
+
+    full_token_embedding(text_encoder)  # a table kept in float16 while training: the rows go in as float32
     token_matrix = text_encoder.get_input_embeddings().weight
     width = int(token_matrix.shape[1])
     token_map: dict[str, list[str]] = {}

@@ -50,6 +50,9 @@ class Method:
     # model parts ("unet", "text_encoder") this method trains in full: the loop keeps them in float32
     # under mixed precision instead of casting them to the frozen-weight dtype
     full_precision_parts: tuple[str, ...] = ()
+    # nothing of this method reads or writes the token embedding's table but the text encoder's own lookup: a
+    # frozen float32 table may then be kept in float16 when that is exact (library.models.lean)
+    half_token_embedding = False
 
     def setup(self, ctx: TrainContext) -> list[dict]:
         """Make the model trainable as this method wants; return optimizer param groups (each with "lr")."""

@@ -30,6 +30,7 @@ def part_learning_rates(job: NetworkJob) -> tuple[float, float]:
 class NetworkMethod(Method):
     name = "network"
     saves_network = True
+    half_token_embedding = True
 
     def __init__(self, job: NetworkJob):
         from networks import NetworkSpec
