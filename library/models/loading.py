@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,27 +202,9 @@ def _streamable(path: Path) -> bool:
     return path.suffix.lower() == ".safetensors" and path.is_file() and path.stat().st_size > 0
 
 
-def _import_model_classes() -> None:
-    """The U-Net, VAE and text encoder classes: importing them the first time in a process takes seconds
-    (diffusers' model and quantizer modules, which pull in bitsandbytes, and peft where installed). A failure
-    is left for the same import on the caller's thread to report."""
-    try:
-        from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
-        from transformers import CLIPTextModel  # noqa: F401
-    except Exception:  # noqa: BLE001
-        pass
-
-
 def _load_single_file(path: Path, dtypes: Mapping[str, torch.dtype]) -> SD1Model:
     if _streamable(path):
-        # the model classes are imported on a thread while the tensors are read: reading is mostly page faults
-        # and copies (no GIL held), importing is Python, so on a first load the two overlap
-        importing = threading.Thread(target=_import_model_classes, name="import-model-classes", daemon=True)
-        importing.start()
-        try:
-            state = _read_converted(path, dtypes)
-        finally:
-            importing.join()
+        state = _read_converted(path, dtypes)
     else:
         state = read_state_dict(path)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
