@@ -97,8 +97,8 @@ def test_embeddings_added_for_sampling_keep_their_float32_rows(tiny_single_file)
 
 
 def test_lora_training_is_bit_identical_with_the_lean_parts(tmp_path, tiny_single_file, shapes_dir, monkeypatch):
-    """A LoRA run on an fp16 checkpoint: the text encoder's table is kept in float16 and the GEGLUs keep less,
-    and the trained file is the same, bit for bit, as with neither."""
+    """A LoRA run on an fp16 checkpoint: the text encoder's table is kept in float16, the GEGLUs and residual
+    blocks keep less, and the trained file is the same, bit for bit, as with none of that."""
     from library.training import loop
 
     fp16 = tmp_path / "tiny-fp16.safetensors"
@@ -111,9 +111,55 @@ def test_lora_training_is_bit_identical_with_the_lean_parts(tmp_path, tiny_singl
     assert seen == [True]
     monkeypatch.setattr(loop, "half_token_embedding", lambda te: False)
     monkeypatch.setattr(loop, "lean_geglu", lambda unet: 0)
+    monkeypatch.setattr(loop, "lean_resnets", lambda unet: 0)
     job = write_job(tmp_path / "stock", fp16, shapes_dir, max_train_steps=3)
     run_job(job)
     lean_file, stock_file = load_file(tmp_path / "lean/out/lora.safetensors"), load_file(tmp_path / "stock/out/lora.safetensors")
     assert lean_file.keys() == stock_file.keys()
     for key in stock_file:
         assert torch.equal(lean_file[key], stock_file[key]), key
+
+
+@pytest.mark.parametrize("dtype,layout", [(torch.float32, torch.contiguous_format), (torch.bfloat16, torch.channels_last)])
+def test_lean_resnets_give_the_stock_bits(tiny_single_file, dtype, layout):
+    """The tiny U-Net's residual blocks, forward and backward, with and without the lean GroupNorm → SiLU."""
+    torch.manual_seed(0)
+    unet = load_sd1(tiny_single_file).unet.to(dtype).to(memory_format=layout)
+    unet.requires_grad_(True)
+    blocks = [m for m in unet.modules() if type(m).__name__ == "ResnetBlock2D"]
+    cfg = unet.config
+    x = torch.randn(2, cfg.in_channels, 16, 16, dtype=dtype).contiguous(memory_format=layout)
+    t = torch.tensor([10, 500])
+    ctx = torch.randn(2, 77, cfg.cross_attention_dim, dtype=dtype)
+
+    def run():
+        unet.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        out = unet(xi, t, encoder_hidden_states=ctx).sample
+        out.float().square().mean().backward()
+        return [out.detach(), xi.grad] + [p.grad for p in unet.parameters()]
+
+    stock = run()
+    assert lean.lean_resnets(unet) == len(blocks) > 0
+    assert lean.lean_resnets(unet) == len(blocks)  # idempotent
+    patched = run()
+    assert len(stock) == len(patched)
+    for k, (a, b) in enumerate(zip(stock, patched)):
+        assert (a is None and b is None) or torch.equal(a, b), k
+
+
+def test_lean_groupnorm_silu_keeps_one_activation_less():
+    norm, silu = torch.nn.GroupNorm(4, 16), torch.nn.SiLU()
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
+
+    def saved_bytes(fn):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            fn()
+        params = {p.untyped_storage().data_ptr() for p in norm.parameters()}
+        return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved
+                    if t.untyped_storage().data_ptr() not in params}.values())
+
+    stock = saved_bytes(lambda: silu(norm(x)))
+    patched = saved_bytes(lambda: lean._norm_silu(norm, silu, x))
+    assert stock - patched == x.numel() * 4

@@ -29,7 +29,7 @@ from library.fileio import (
     WRITE_ERRORS, FolderLock, check_writable_folder, remove_stale_temporaries, write_error_reason,
 )
 from library.models.cpu_kernels import use_fast_cpu_convolutions
-from library.models.lean import half_token_embedding, lean_geglu
+from library.models.lean import half_token_embedding, lean_geglu, lean_resnets
 from library.models.loading import load_sd1, load_vae, use_vae
 from library.text_encoding import encode_texts, long_captions
 from library.training.weighted_captions import encode_weighted_captions, plain_text
@@ -200,7 +200,8 @@ def set_up(job: TrainingJob, method: Method, accelerator, state: LoadedState | N
     if device.type == "cpu":  # before the method patches layers: its patches then call the faster kernels
         use_fast_cpu_convolutions(model.unet, weight_dtype)  # the compute dtype (autocast for a full U-Net)
     param_groups = method.setup(ctx)
-    lean_geglu(model.unet)  # bit-identical results, one activation less per transformer block
+    lean_geglu(model.unet)  # bit-identical results, one activation less per transformer block,
+    lean_resnets(model.unet)  # and two per residual block
     if method.half_token_embedding:
         half_token_embedding(model.text_encoder)
     if not any(p.requires_grad for g in param_groups for p in g["params"]):
