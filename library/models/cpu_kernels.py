@@ -27,21 +27,18 @@ def use_fast_cpu_convolutions(module: nn.Module, dtype: torch.dtype) -> int:
     channels-last and 1.76 s without in bf16, but 3.27 s against 2.95 s in fp32."""
     if dtype == torch.bfloat16:
         module.to(memory_format=torch.channels_last)
-    routed = 0
-    for conv in module.modules():
-        if type(conv) is not nn.Conv2d or conv.in_channels < MIN_CHANNELS:
-            continue
-        if conv.groups != 1 or conv.padding_mode != "zeros" or tuple(conv.dilation) != (1, 1) \
-                or not isinstance(conv.padding, tuple):
-            continue
-        if isinstance(conv.__dict__.get("forward"), _Im2colForward):
-            routed += 1
-            continue
-        if "forward" in conv.__dict__:  # already patched by something else (a network): leave it
-            continue
-        conv.forward = _Im2colForward(conv)
-        routed += 1
-    return routed
+    return sum(patch_forward(conv, _Im2colForward) for conv in module.modules()
+               if type(conv) is nn.Conv2d and conv.in_channels >= MIN_CHANNELS and conv.groups == 1
+               and conv.padding_mode == "zeros" and tuple(conv.dilation) == (1, 1) and isinstance(conv.padding, tuple))
+
+
+def patch_forward(module: nn.Module, kind: type) -> bool:
+    """Give `module` the forward `kind(module)` (an instance attribute) unless it has one already; True when
+    its forward is of that kind now. A forward patched by something else (a network) is left alone."""
+    current = module.__dict__.get("forward")
+    if current is None:
+        module.forward = current = kind(module)
+    return isinstance(current, kind)
 
 
 class _Im2colForward:

@@ -17,19 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from library.models.cpu_kernels import patch_forward
+
 
 def lean_geglu(module: nn.Module) -> int:
     """Patch every diffusers GEGLU in `module` (idempotent); returns how many use the lean gate."""
-    patched = 0
-    for m in module.modules():
-        if type(m).__name__ != "GEGLU" or not isinstance(getattr(m, "proj", None), nn.Linear):
-            continue
-        if isinstance(m.__dict__.get("forward"), _LeanGegluForward):
-            patched += 1
-        elif "forward" not in m.__dict__:
-            m.forward = _LeanGegluForward(m)
-            patched += 1
-    return patched
+    return sum(patch_forward(m, _LeanGegluForward) for m in module.modules()
+               if type(m).__name__ == "GEGLU" and isinstance(getattr(m, "proj", None), nn.Linear))
 
 
 class _LeanGegluForward:
@@ -67,16 +61,8 @@ class _GatedGelu(torch.autograd.Function):
 def lean_resnets(module: nn.Module) -> int:
     """Patch every diffusers ResnetBlock2D of the plain SD1 kind in `module` (idempotent; a block with up- or
     downsampling, another time-embedding norm or activation keeps its own forward); returns how many are lean."""
-    patched = 0
-    for m in module.modules():
-        if type(m).__name__ != "ResnetBlock2D":
-            continue
-        if isinstance(m.__dict__.get("forward"), _LeanResnetForward):
-            patched += 1
-        elif "forward" not in m.__dict__ and _plain_resnet(m):
-            m.forward = _LeanResnetForward(m)
-            patched += 1
-    return patched
+    return sum(patch_forward(m, _LeanResnetForward) for m in module.modules()
+               if type(m).__name__ == "ResnetBlock2D" and _plain_resnet(m))
 
 
 def _plain_resnet(block: nn.Module) -> bool:
