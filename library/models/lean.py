@@ -32,10 +32,14 @@ class _LeanGegluForward:
 
     def __call__(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         projected = self.geglu.proj(hidden_states)
-        if not projected.requires_grad:  # nothing to keep for a backward pass: the stock arithmetic
-            hidden, gate = projected.chunk(2, dim=-1)
-            return hidden * F.gelu(gate)
-        return _GatedGelu.apply(projected)
+        # nothing to keep for a backward pass: the arithmetic alone
+        return _GatedGelu.apply(projected) if projected.requires_grad else _gated_gelu(projected)
+
+
+def _gated_gelu(projected: torch.Tensor) -> torch.Tensor:
+    """diffusers' GEGLU after its projection: h * gelu(gate) of [h, gate]."""
+    hidden, gate = projected.chunk(2, dim=-1)
+    return hidden * F.gelu(gate)
 
 
 class _GatedGelu(torch.autograd.Function):
@@ -46,8 +50,7 @@ class _GatedGelu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, projected: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(projected)
-        hidden, gate = projected.chunk(2, dim=-1)
-        return hidden * F.gelu(gate)
+        return _gated_gelu(projected)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
@@ -143,9 +146,8 @@ def _cpu_layout(x: torch.Tensor) -> torch.memory_format:
 
 def half_token_embedding(text_encoder: nn.Module) -> bool:
     """Keep a frozen float32 token embedding in float16 when that loses nothing; True if it now is."""
-    getter = getattr(text_encoder, "get_input_embeddings", None)
-    embedding = getter() if getter is not None else None
-    if not isinstance(embedding, nn.Embedding):
+    embedding = _token_embedding(text_encoder)
+    if embedding is None:
         return False
     if isinstance(embedding.__dict__.get("forward"), _Float32Lookup):
         return True
@@ -163,11 +165,16 @@ def half_token_embedding(text_encoder: nn.Module) -> bool:
 
 def full_token_embedding(text_encoder: nn.Module) -> None:
     """Undo `half_token_embedding` (before rows are written into the table: they keep their float32 bits)."""
-    getter = getattr(text_encoder, "get_input_embeddings", None)
-    embedding = getter() if getter is not None else None
-    if isinstance(embedding, nn.Embedding) and isinstance(embedding.__dict__.get("forward"), _Float32Lookup):
+    embedding = _token_embedding(text_encoder)
+    if embedding is not None and isinstance(embedding.__dict__.get("forward"), _Float32Lookup):
         del embedding.forward
         embedding.weight = nn.Parameter(embedding.weight.detach().to(torch.float32), requires_grad=False)
+
+
+def _token_embedding(text_encoder: nn.Module) -> nn.Embedding | None:
+    getter = getattr(text_encoder, "get_input_embeddings", None)
+    embedding = getter() if getter is not None else None
+    return embedding if isinstance(embedding, nn.Embedding) else None
 
 
 class _Float32Lookup:
